@@ -1,0 +1,214 @@
+"""Loading a frozen open_clip CLIP from a hub tag, a weights file or a ``local-dir:`` folder.
+
+The same function serves users with a network (``ViT-B-16-quickgelu`` + ``openai``), users with
+local copies, and our tests (tiny random-init models saved to a folder and loaded back), so the
+code path the tests exercise is the one users run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .errors import BackboneLoadError
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+RANDOM_INIT = ("", "none", "random")  # ``pretrained`` values meaning "no weights" (tests, benchmarks)
+# Where the shipped offline model lives (see checkpoints/shapeworld-clip/MODEL_CARD.md).
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "checkpoints"
+OFFLINE_MODEL = LOCAL_DIR + str(SHIPPED_MODELS / "shapeworld-clip")
+
+
+@dataclass
+class Backbone:
+    """A frozen CLIP plus what is needed to feed it: tokenizer and preprocessing sizes."""
+
+    clip: nn.Module
+    tokenizer: Callable[..., torch.Tensor]
+    model_name: str
+    pretrained: str | None
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def description(self) -> str:
+        source = self.pretrained or "random init"
+        if self.model_name.startswith(LOCAL_DIR):
+            source = "local folder"
+        return f"{self.model_name} ({source})"
+
+
+def _is_local_dir(name: str) -> bool:
+    return name.startswith(LOCAL_DIR)
+
+
+def _needs_quick_gelu(model: str, pretrained: str | None, quick_gelu: bool | None) -> bool:
+    """OpenAI's CLIP was trained with QuickGELU; open_clip's plain ``ViT-B-16`` config uses GELU.
+
+    Loading ``openai`` weights into a GELU model runs silently and gives a different (worse)
+    network, so unless the user decides explicitly we switch QuickGELU on and say so.
+    """
+    if quick_gelu is not None:
+        return quick_gelu
+    if pretrained == "openai" and not model.endswith("-quickgelu"):
+        warnings.warn(
+            f"{model!r} with 'openai' weights: enabling QuickGELU, which these weights were trained "
+            f"with (use {model + '-quickgelu'!r} to say so explicitly, or quick_gelu=False to opt out).",
+            stacklevel=3,
+        )
+        return True
+    return False
+
+
+def _offline_hint() -> str:
+    return (
+        "Options: connect to the network once so the weights reach the Hugging Face cache; pass a "
+        "local weights file (--pretrained /path/to/open_clip_model.safetensors); pass an open_clip "
+        f"folder (--model local-dir:/path/to/folder); or use the shipped offline model (--model {OFFLINE_MODEL})."
+    )
+
+
+def load_backbone(
+    model: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    quick_gelu: bool | None = None,
+    cache_dir: str | None = None,
+) -> Backbone:
+    """Build a frozen open_clip CLIP in eval mode.
+
+    ``model`` is an open_clip model name or ``local-dir:PATH``; ``pretrained`` is a hub tag
+    (``openai``, ``laion2b_s34b_b88k`` …), a local ``.safetensors``/``.bin`` file, or ``None`` /
+    ``"none"`` (random init; for tests and speed measurements).
+    """
+    import open_clip
+
+    if pretrained is not None and pretrained.strip().lower() in RANDOM_INIT:
+        pretrained = None
+    if _is_local_dir(model):
+        folder = Path(model[len(LOCAL_DIR):]).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise BackboneLoadError(
+                f"model folder {folder} has no open_clip_config.json; an open_clip 'local-dir:' folder "
+                "holds open_clip_config.json (with 'model_cfg') and open_clip_model.safetensors"
+            )
+        model = LOCAL_DIR + str(folder.resolve())
+        pretrained = None
+    elif model not in open_clip.list_models():
+        raise BackboneLoadError(
+            f"unknown open_clip model {model!r}; use a name from open_clip.list_models() "
+            f"(e.g. ViT-B-16-quickgelu) or local-dir:/path/to/folder"
+        )
+
+    force_quick_gelu = _needs_quick_gelu(model, pretrained, quick_gelu)
+    kwargs: dict[str, Any] = dict(device=device, force_quick_gelu=force_quick_gelu, cache_dir=cache_dir)
+    if pretrained and _looks_like_path(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise BackboneLoadError(f"weights file not found: {path}")
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise BackboneLoadError(f"weights file {path} should be one of {', '.join(WEIGHT_SUFFIXES)}")
+        kwargs["pretrained"] = str(path)
+    elif pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if pretrained not in tags:
+            raise BackboneLoadError(
+                f"{pretrained!r} is neither a weights file nor a pretrained tag of {model}; "
+                f"tags: {', '.join(tags) or '(none)'}"
+            )
+        kwargs["pretrained"] = pretrained
+
+    try:
+        with warnings.catch_warnings(), _hub_offline_unless_reachable():
+            warnings.filterwarnings("ignore", message="QuickGELU mismatch")
+            clip, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
+        tokenizer = open_clip.get_tokenizer(model)
+    except BackboneLoadError:
+        raise
+    except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError with long chains
+        what = f"{model} + {pretrained}" if pretrained else model
+        reason = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(".")
+        hint = _offline_hint() if pretrained and not _looks_like_path(pretrained) else ""
+        raise BackboneLoadError(f"could not load {what}: {reason}. {hint}".strip()) from exc
+
+    clip.eval().requires_grad_(False)
+    image_size, mean, std = _preprocess_numbers(clip, preprocess)
+    return Backbone(clip, tokenizer, model, pretrained, image_size, mean, std)
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.endswith(WEIGHT_SUFFIXES) or os.sep in value or os.path.exists(value)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the Hugging Face endpoint: a cheap, bounded answer to "are we online?"."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_offline_unless_reachable() -> Iterator[None]:
+    """Without a network, huggingface_hub retries for about a minute before giving up.
+
+    When the hub cannot be reached we switch it to offline mode for this call only: a cached copy
+    still loads, a missing one fails in seconds with a message we can turn into advice.
+    """
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    if not previous and not hub_reachable():
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _preprocess_numbers(clip: nn.Module, preprocess: Any) -> tuple[int, tuple, tuple]:
+    """Image size, mean and std as open_clip configured them for this checkpoint."""
+    size = clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    for t in getattr(preprocess, "transforms", []):
+        if t.__class__.__name__ == "Normalize":
+            mean, std = tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+    return size, mean, std
+
+
+def save_local_dir(clip: nn.Module, model_cfg: dict, folder: str | Path, preprocess_cfg: dict | None = None) -> str:
+    """Write a CLIP as an open_clip ``local-dir:`` folder (config JSON + safetensors).
+
+    Used to ship the offline model and by the tests to round-trip tiny random-init models through
+    exactly the loading path that real weights take.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    state = {k: v.detach().contiguous().cpu() for k, v in clip.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return LOCAL_DIR + str(folder.resolve())

@@ -1,0 +1,144 @@
+"""Prompt checkpoints: safetensors holding only the learnable tensors plus JSON metadata.
+
+They are small (kilobytes to a few MB), class-agnostic (any class list works at load time),
+never contain the frozen CLIP, and can be opened without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .backbone import LOCAL_DIR, SHIPPED_MODELS, Backbone, load_backbone
+from .config import PMPOConfig
+from .errors import CheckpointError, PMPOError
+from .model import PMPOModel
+
+FORMAT = "pmpo-prompts/1"
+
+
+def backbone_shape(model: PMPOModel) -> dict[str, int]:
+    """The sizes a checkpoint's tensors depend on."""
+    return {
+        "text_width": model.text.width,
+        "vision_width": model.vision.width,
+        "vision_layers": model.vision.n_layers,
+        "text_layers": model.text.n_layers,
+    }
+
+
+def save_checkpoint(model: PMPOModel, path: str | os.PathLike, **metadata: str) -> None:
+    """Write atomically (temp file + rename) so an interrupted save never leaves a broken file."""
+    tensors = {} if model.prompts is None else {
+        k: v.detach().float().contiguous().cpu() for k, v in model.prompts.state_dict().items()
+    }
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    cfg = model.cfg.to_dict()
+    cfg["templates"] = list(model.templates)
+    meta.update(
+        format=FORMAT,
+        pmpo_version=__version__,
+        config=json.dumps(cfg, sort_keys=True),
+        backbone=json.dumps({"model": model.backbone.model_name, "pretrained": model.backbone.pretrained, **backbone_shape(model)}),
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a prompt checkpoint; never unpickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc.__class__.__name__}); prompt checkpoints are "
+            ".safetensors files written by pmpo (pickled .pt/.pth files are refused on purpose)"
+        ) from exc
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointError(f"{path} is a safetensors file but not a pmpo prompt checkpoint (no '{FORMAT}' metadata)")
+    return tensors, meta
+
+
+def _relocate_local_dir(model: str) -> str:
+    """A checkpoint made on another machine names its local-dir backbone by absolute path; when
+    that path is gone but this project ships a folder of the same name (the offline model), use it."""
+    if not model.startswith(LOCAL_DIR):
+        return model
+    folder = Path(model[len(LOCAL_DIR):])
+    shipped = SHIPPED_MODELS / folder.name
+    if not folder.is_dir() and shipped.is_dir():
+        return LOCAL_DIR + str(shipped)
+    return model
+
+
+def checkpoint_config(path: str | os.PathLike) -> PMPOConfig:
+    _, meta = read_checkpoint(path)
+    return PMPOConfig.from_dict(json.loads(meta["config"]))
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    model: str | None = None,
+    pretrained: str | None = None,
+    backbone: Backbone | None = None,
+) -> PMPOModel:
+    """Rebuild the model of a checkpoint: backbone from the stored metadata unless overridden.
+
+    ``model``/``pretrained`` override the stored backbone; ``backbone`` reuses one already loaded
+    (the app shares one CLIP between many prompt checkpoints).
+    """
+    tensors, meta = read_checkpoint(path)
+    cfg_dict = json.loads(meta["config"])
+    if model is not None:
+        cfg_dict["model"], cfg_dict["pretrained"] = model, pretrained
+    elif pretrained is not None:
+        cfg_dict["pretrained"] = pretrained
+    cfg_dict["model"] = _relocate_local_dir(cfg_dict["model"])
+    cfg = PMPOConfig.from_dict(cfg_dict)
+    if backbone is None:
+        backbone = load_backbone(cfg.model, cfg.pretrained, device=device, quick_gelu=cfg.quick_gelu)
+    stored = json.loads(meta["backbone"])
+    try:
+        built = PMPOModel(cfg, backbone)
+    except PMPOError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    have = backbone_shape(built)
+    wanted = {k: stored[k] for k in have if k in stored}
+    if any(have[k] != v for k, v in wanted.items()):
+        diff = ", ".join(f"{k} {wanted[k]} vs {have[k]}" for k in have if wanted.get(k, have[k]) != have[k])
+        raise CheckpointError(
+            f"{path} was trained on {stored['model']} ({stored.get('pretrained')}) and does not fit "
+            f"{backbone.model_name} ({backbone.pretrained}): {diff}"
+        )
+    if built.prompts is not None:
+        missing = set(built.prompts.state_dict()) ^ set(tensors)
+        if missing:
+            raise CheckpointError(f"{path}: tensors do not match the stored config (differing keys: {sorted(missing)})")
+        try:
+            built.prompts.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: {str(exc).splitlines()[0]}") from exc
+    elif tensors:
+        raise CheckpointError(f"{path}: config has no prompts but the file holds tensors {sorted(tensors)}")
+    return built.to(device)

@@ -1,0 +1,1 @@
+"""One module per ``pmpo`` subcommand (see ``pmpo/cli.py``)."""

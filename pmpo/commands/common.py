@@ -1,0 +1,65 @@
+"""Options shared by several subcommands, and loading a model from them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..backbone import OFFLINE_MODEL
+from ..config import PMPOConfig, list_methods
+from ..errors import InputError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--method", default="pmpo", choices=list_methods(), help="method preset (default: pmpo)")
+    group.add_argument("--config", help="YAML config file (options as in configs/methods/*.yaml)")
+    group.add_argument("--model", help="open_clip model name or local-dir:PATH (default: the preset's, ViT-B-16-quickgelu)")
+    group.add_argument("--pretrained", help="pretrained tag (openai, laion2b_...) or weights file; 'none' = random init")
+    group.add_argument("--checkpoint", help="prompt checkpoint (.safetensors) to load; its metadata names the backbone")
+    group.add_argument("--offline", action="store_true", help=f"use the shipped offline model ({OFFLINE_MODEL})")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name} requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def config_from_args(args: argparse.Namespace) -> PMPOConfig:
+    model = OFFLINE_MODEL if getattr(args, "offline", False) else args.model
+    overrides = {"method": args.method, "model": model, "pretrained": args.pretrained}
+    if args.config:
+        return PMPOConfig.from_yaml(args.config, **overrides)
+    return PMPOConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """The model the options describe: a checkpoint (backbone from its metadata) or a preset."""
+    from ..checkpoint import load_checkpoint
+    from ..model import build_model
+
+    device = resolve_device(args.device)
+    model_name = OFFLINE_MODEL if args.offline else args.model
+    if args.checkpoint:
+        model = load_checkpoint(args.checkpoint, device=device, model=model_name, pretrained=args.pretrained)
+    else:
+        model = build_model(config_from_args(args), device=device)
+    print(f"loaded {model.cfg.method} on {model.backbone.description} [{device}]", file=sys.stderr)
+    return model
+
+
+def parse_classes(value: str) -> list[str]:
+    """Classes from a comma-separated string, or from a file (one per line) given as @path."""
+    if value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8") as fh:
+                return [line.strip() for line in fh if line.strip()]
+        except OSError as exc:
+            raise InputError(f"cannot read class list {value[1:]}: {exc.strerror}") from exc
+    return [c.strip() for c in value.split(",") if c.strip()]

@@ -1,0 +1,196 @@
+"""Prompt-aware text and image encoders that drive open_clip's own blocks.
+
+Neither encoder owns weights: they hold references to the frozen CLIP's modules and run them
+with prompt tokens spliced in between blocks. This avoids forking open_clip's model code and
+means any open_clip ViT CLIP with a standard text transformer works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import block_with_attention
+from .errors import BackboneLoadError
+
+
+class TextEncoder(nn.Module):
+    """The frozen text tower, run on token *embeddings* so learnable context can be spliced in.
+
+    Every sequence is cut to (its batch's last EOT position + 1). The causal mask means tokens
+    after the EOT never influence the EOT feature that is pooled, so this is exact, and it turns
+    77-token sequences into ~10–20-token ones.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer: Callable[..., torch.Tensor]):
+        super().__init__()
+        tower = clip.text if hasattr(clip, "text") else clip
+        if getattr(tower, "cls_emb", None) is not None or not hasattr(tower, "token_embedding"):
+            raise BackboneLoadError(
+                f"{type(tower).__name__}: only open_clip's causal text transformer (CLIP, CustomTextCLIP) "
+                "is supported for text prompting"
+            )
+        self.pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+        if self.pool_type not in ("argmax", "eos"):
+            raise BackboneLoadError(f"text pooling {self.pool_type!r} is not supported (need 'argmax' or 'eos')")
+        # Plain attributes (not submodules): the backbone is owned, and saved, elsewhere.
+        self.__dict__["tower"] = tower
+        self.tokenizer = tokenizer
+        self.eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+        self.batch_first = getattr(tower.transformer, "batch_first", True)
+
+    @property
+    def width(self) -> int:
+        return self.tower.token_embedding.weight.shape[1]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.tower.transformer.resblocks)
+
+    @property
+    def context_length(self) -> int:
+        return self.tower.positional_embedding.shape[0]
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        device = self.tower.token_embedding.weight.device
+        return self.tokenizer(list(texts)).to(device)
+
+    def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        return (tokens == self.eos_id).int().argmax(dim=-1)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of ``tokens`` (no positions), in the transformer's dtype."""
+        dtype = self.tower.transformer.get_cast_dtype()
+        return self.tower.token_embedding(tokens).to(dtype)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        eot: torch.Tensor,
+        deep_prompts: dict[int, torch.Tensor] | None = None,
+        prompt_slice: slice | None = None,
+    ) -> torch.Tensor:
+        """Encode [B, L, D] token embeddings pooled at ``eot`` [B]; returns unnormalised features.
+
+        ``deep_prompts[j]`` ([B, M, D]) replaces the tokens at ``prompt_slice`` at the input of
+        text layer ``j`` (MaPLe-style deep text prompts).
+        """
+        length = int(eot.max()) + 1
+        x = embeddings[:, :length] + self.tower.positional_embedding[:length].to(embeddings.dtype)
+        mask = self.tower.attn_mask
+        mask = mask[:length, :length] if mask is not None else None
+        blocks = self.tower.transformer.resblocks
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        for j, block in enumerate(blocks):
+            if deep_prompts and j in deep_prompts:
+                p = deep_prompts[j].to(x.dtype)
+                if not self.batch_first:
+                    p = p.transpose(0, 1)
+                    x = torch.cat([x[:prompt_slice.start], p, x[prompt_slice.stop:]], dim=0)
+                else:
+                    x = torch.cat([x[:, :prompt_slice.start], p, x[:, prompt_slice.stop:]], dim=1)
+            x = block(x, attn_mask=mask)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        x = self.tower.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        proj = self.tower.text_projection
+        if proj is None:
+            return pooled
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+    def encode_tokens(self, tokens: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """Exact equivalent of open_clip's ``encode_text`` (unnormalised), truncated and chunked."""
+        outs = []
+        for start in range(0, tokens.shape[0], chunk):
+            part = tokens[start:start + chunk]
+            eot = self.eot_positions(part)
+            length = int(eot.max()) + 1
+            outs.append(self(self.embed(part[:, :length]), eot))
+        return torch.cat(outs) if outs else torch.empty(0, self.output_dim, device=tokens.device)
+
+    @property
+    def output_dim(self) -> int:
+        proj = self.tower.text_projection
+        if proj is None:
+            return self.width
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+
+@dataclass
+class VisionOutput:
+    features: torch.Tensor  # [B, D] projected, unnormalised
+    attentions: list[torch.Tensor] | None  # per layer [B, heads, T, T] when requested
+    n_tokens: int  # CLS + patch tokens (prompt tokens follow them)
+
+
+class VisionEncoder(nn.Module):
+    """The frozen ViT image tower with prompt tokens appended after the patch tokens.
+
+    ``schedule[l]`` says what the prompt slots hold at the input of layer ``l``: a tensor
+    ([K, D] or [B, K, D]) replaces whatever prompt tokens are there (possibly none), ``None``
+    keeps the current tokens (they are processed by the block like any other token, i.e.
+    carried). After the last block the prompt tokens are dropped before pooling, so pooling is
+    open_clip's own, over the original tokens.
+    """
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        needed = ("_embeds", "_pool", "transformer", "proj")
+        if not all(hasattr(visual, n) for n in needed) or not hasattr(visual.transformer, "resblocks"):
+            raise BackboneLoadError(
+                f"{type(visual).__name__}: visual prompting needs open_clip's VisionTransformer image tower"
+            )
+        self.__dict__["visual"] = visual
+        self.batch_first = getattr(visual.transformer, "batch_first", True)
+
+    @property
+    def width(self) -> int:
+        return self.visual.class_embedding.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def output_dim(self) -> int:
+        return self.visual.output_dim
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        schedule: Sequence[torch.Tensor | None] | None = None,
+        return_attention: bool = False,
+    ) -> VisionOutput:
+        x = self.visual._embeds(images)
+        batch, n_tokens = x.shape[0], x.shape[1]
+        attentions: list[torch.Tensor] | None = [] if return_attention else None
+        for layer, block in enumerate(self.visual.transformer.resblocks):
+            prompts = schedule[layer] if schedule is not None else None
+            if prompts is not None:
+                prompts = prompts.to(x.dtype)
+                if prompts.dim() == 2:
+                    prompts = prompts.unsqueeze(0).expand(batch, -1, -1)
+                x = torch.cat([x[:, :n_tokens], prompts], dim=1)
+            if return_attention:
+                x, probs = block_with_attention(block, x)
+                attentions.append(probs)
+            elif self.batch_first:
+                x = block(x)
+            else:
+                x = block(x.transpose(0, 1)).transpose(0, 1)
+        pooled, _ = self.visual._pool(x[:, :n_tokens])
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return VisionOutput(pooled, attentions, n_tokens)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)

@@ -1,0 +1,303 @@
+"""One model class for zero-shot CLIP, CoOp, KgCoOp, MaPLe and PMPO.
+
+Data flow (DESIGN.md §2):
+
+    class names ──► prior t0 [C, D] (templates, frozen, cached)
+                └─► prompts t_i [N, C, D] (learnable context through the frozen text tower)
+    w_c = normalise((1 − α)·mean_i t_i,c + α·t0_c)        (cached per class list in eval)
+    image ──► vision tower with prompt tokens per depth segment ──► f [B, D]
+    logits = exp(logit_scale) · normalise(f) · wᵀ
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone, load_backbone
+from .config import PMPOConfig
+from .encoders import TextEncoder, VisionEncoder, VisionOutput
+from .errors import InputError
+from .prompts import PromptLearner
+
+CACHE_SIZE = 16
+
+
+def clean_classnames(classnames: Sequence[str]) -> list[str]:
+    """Class names as the text encoder should see them; rejects lists that cannot work."""
+    if isinstance(classnames, str):
+        raise InputError("classnames must be a list of names, not one string")
+    names = [str(c).replace("_", " ").strip() for c in classnames]
+    if not names:
+        raise InputError("the class list is empty: give at least one class name")
+    empty = [i for i, n in enumerate(names) if not n]
+    if empty:
+        raise InputError(f"class names at positions {empty} are empty")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n.lower() in seen:
+            raise InputError(f"duplicate class name {n!r} (positions {seen[n.lower()]} and {i})")
+        seen[n.lower()] = i
+    return names
+
+
+@dataclass
+class ClassWeights:
+    weights: torch.Tensor  # [C, D] combined, normalised
+    prompts: torch.Tensor | None  # [N, C, D] per-prompt, normalised
+    prior: torch.Tensor  # [C, D] manual prior, normalised
+
+
+class PMPOModel(nn.Module):
+    """A frozen CLIP with the prompts of one method. Only ``self.prompts`` is learnable."""
+
+    def __init__(self, cfg: PMPOConfig, backbone: Backbone):
+        super().__init__()
+        # The config records the backbone actually used, so a saved checkpoint names it.
+        self.cfg = dataclasses.replace(cfg)
+        self.cfg.model, self.cfg.pretrained = backbone.model_name, backbone.pretrained or "none"
+        self.backbone = backbone
+        self.clip = backbone.clip.eval().requires_grad_(False)
+        self.text = TextEncoder(self.clip, backbone.tokenizer)
+        self.vision = VisionEncoder(self.clip.visual)
+        self.templates = list(cfg.templates)
+        self.prompts: PromptLearner | None = None
+        if cfg.text_depth > self.text.n_layers:
+            raise InputError(f"text_depth {cfg.text_depth} exceeds the text tower's {self.text.n_layers} layers")
+        if cfg.n_prompts > 0:
+            self.prompts = PromptLearner(
+                cfg, self.text.width, self.vision.width, self.vision.n_layers, self._phrase_embeddings
+            ).to(self.clip.logit_scale.device)
+        self._prior_cache: OrderedDict = OrderedDict()
+        self._weight_cache: OrderedDict = OrderedDict()
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.clip.logit_scale.device
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def train(self, mode: bool = True) -> "PMPOModel":
+        """The backbone stays in eval mode (no dropout, no patch dropout): it is frozen."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.prompts.parameters()] if self.prompts is not None else []
+
+    def num_learnable(self) -> int:
+        return sum(p.numel() for p in self.learnable_parameters())
+
+    def _prompt_version(self) -> tuple[int, ...]:
+        # Tensor versions bump on every in-place update (optimiser steps, load_state_dict), so
+        # cached class weights can never outlive the prompts they were computed from.
+        return tuple(p._version for p in self.learnable_parameters())
+
+    def clear_cache(self) -> None:
+        self._prior_cache.clear()
+        self._weight_cache.clear()
+
+    @staticmethod
+    def _cache_put(cache: OrderedDict, key, value) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)
+
+    # --- text side -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _phrase_embeddings(self, phrase: str) -> torch.Tensor:
+        tokens = self.text.tokenize([phrase])
+        eot = int(self.text.eot_positions(tokens)[0])
+        return self.text.embed(tokens)[0, 1:eot].float().cpu()
+
+    @torch.no_grad()
+    def prior_features(self, classnames: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """t0 [C, D]: normalised mean of normalised template features (CLIP's ensembling)."""
+        names = clean_classnames(classnames)
+        templates = list(templates or self.templates)
+        key = (tuple(names), tuple(templates))
+        if key in self._prior_cache:
+            self._prior_cache.move_to_end(key)
+            return self._prior_cache[key]
+        texts = [t.format(n) for t in templates for n in names]
+        feats = F.normalize(self.text.encode_tokens(self.text.tokenize(texts)).float(), dim=-1)
+        prior = F.normalize(feats.view(len(templates), len(names), -1).mean(0), dim=-1)
+        self._cache_put(self._prior_cache, key, prior)
+        return prior
+
+    def prompt_features(self, classnames: Sequence[str]) -> torch.Tensor:
+        """t_i [N, C, D]: all N prompts × C classes in one batched, truncated text pass."""
+        assert self.prompts is not None
+        names = clean_classnames(classnames)
+        n, m = self.prompts.n_prompts, self.prompts.n_ctx
+        placeholder = " ".join(["X"] * m)
+        tokens = self.text.tokenize([f"{placeholder} {name}." for name in names])
+        eot = self.text.eot_positions(tokens)
+        with torch.no_grad():
+            frozen = self.text.embed(tokens[:, : int(eot.max()) + 1])  # [C, L, d]
+        c = len(names)
+        ctx = self.prompts.ctx.to(frozen.dtype)  # [N, M, d]
+        x = torch.cat(
+            [
+                frozen[None, :, :1].expand(n, -1, -1, -1),
+                ctx[:, None].expand(-1, c, -1, -1),
+                frozen[None, :, 1 + m:].expand(n, -1, -1, -1),
+            ],
+            dim=2,
+        ).reshape(n * c, -1, frozen.shape[-1])
+        feats = self.text(
+            x, eot.repeat(n), self.prompts.deep_text_prompts(c), prompt_slice=slice(1, 1 + m)
+        )
+        return F.normalize(feats.float(), dim=-1).view(n, c, -1)
+
+    def class_weights(self, classnames: Sequence[str]) -> ClassWeights:
+        """Combined class weights; cached per class list unless gradients are flowing."""
+        names = clean_classnames(classnames)
+        prior = self.prior_features(names)
+        if self.prompts is None or self.cfg.alpha == 1.0:
+            return ClassWeights(prior, None, prior)
+        cacheable = not torch.is_grad_enabled()
+        key = (tuple(names), tuple(self.templates), self._prompt_version())
+        if cacheable and key in self._weight_cache:
+            self._weight_cache.move_to_end(key)
+            return self._weight_cache[key]
+        prompts = self.prompt_features(names)
+        alpha = self.cfg.alpha
+        weights = F.normalize((1 - alpha) * prompts.mean(0) + alpha * prior, dim=-1)
+        result = ClassWeights(weights, prompts, prior)
+        if cacheable:
+            self._cache_put(self._weight_cache, key, result)
+        return result
+
+    # --- image side ----------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, return_attention: bool = False) -> VisionOutput | list[VisionOutput]:
+        """Prompted image features: one output (single pass) or one per prompt (per_prompt)."""
+        images = images.to(self.device)
+        if self.prompts is None or not self.prompts.segments:
+            return self.vision(images, None, return_attention)
+        n_layers = self.vision.n_layers
+        if self.cfg.visual_pass == "per_prompt":
+            return [
+                self.vision(images, self.prompts.visual_schedule(n_layers, i), return_attention)
+                for i in range(self.prompts.n_prompts)
+            ]
+        return self.vision(images, self.prompts.visual_schedule(n_layers), return_attention)
+
+    def plain_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Unprompted, normalised image features (zero-shot CLIP's view of the image)."""
+        with torch.no_grad():
+            return F.normalize(self.vision(images.to(self.device)).features.float(), dim=-1)
+
+    # --- logits and losses -----------------------------------------------------------------------
+    def logits_from(self, vision: VisionOutput | list[VisionOutput], cw: ClassWeights) -> torch.Tensor:
+        scale = self.logit_scale
+        if isinstance(vision, list):
+            # per_prompt pass: prompt i's image feature meets prompt i's class embedding, each mixed
+            # with the prior as in the single pass; the N views are averaged.
+            alpha = self.cfg.alpha
+            logits = 0
+            for i, out in enumerate(vision):
+                w_i = F.normalize((1 - alpha) * cw.prompts[i] + alpha * cw.prior, dim=-1)
+                logits = logits + F.normalize(out.features.float(), dim=-1) @ w_i.t()
+            return scale * logits / len(vision)
+        return scale * F.normalize(vision.features.float(), dim=-1) @ cw.weights.t()
+
+    def forward(self, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
+        """Logits [B, C] for a batch of preprocessed images and a class list."""
+        cw = self.class_weights(classnames)
+        return self.logits_from(self.encode_image(images), cw)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Training objective: CE, plus per-prompt auxiliary CE (β) and prior consistency (λ)."""
+        cw = self.class_weights(classnames)
+        vision = self.encode_image(images)
+        logits = self.logits_from(vision, cw)
+        labels = labels.to(logits.device)
+        ce = F.cross_entropy(logits, labels)
+        out = {"logits": logits, "ce": ce, "loss": ce}
+        if cw.prompts is not None and self.cfg.aux_weight:
+            views = vision if isinstance(vision, list) else [vision] * len(cw.prompts)
+            aux = torch.stack([
+                F.cross_entropy(self.logit_scale * F.normalize(v.features.float(), dim=-1) @ cw.prompts[i].t(), labels)
+                for i, v in enumerate(views)
+            ]).mean()
+            out["aux"] = aux
+            out["loss"] = out["loss"] + self.cfg.aux_weight * aux
+        if cw.prompts is not None and self.cfg.consistency_weight:
+            mean_prompt = F.normalize(cw.prompts.mean(0), dim=-1)
+            consistency = (1 - (mean_prompt * cw.prior).sum(-1)).mean()
+            out["consistency"] = consistency
+            out["loss"] = out["loss"] + self.cfg.consistency_weight * consistency
+        return out
+
+    @torch.no_grad()
+    def per_prompt_logits(self, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
+        """[N, B, C]: what each learned prompt alone would predict (no prior mixed in)."""
+        cw = self.class_weights(classnames)
+        if cw.prompts is None:
+            raise InputError(f"method {self.cfg.method!r} has no learned prompts")
+        vision = self.encode_image(images)
+        views = vision if isinstance(vision, list) else [vision] * len(cw.prompts)
+        return torch.stack([
+            self.logit_scale * F.normalize(v.features.float(), dim=-1) @ cw.prompts[i].t()
+            for i, v in enumerate(views)
+        ])
+
+    @torch.no_grad()
+    def zero_shot_logits(self, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
+        """Plain CLIP: unprompted image features against the manual prior."""
+        return self.logit_scale * self.plain_image_features(images) @ self.prior_features(classnames).t()
+
+    # --- convenience ---------------------------------------------------------------------------
+    def eval_transform(self):
+        from .data.transforms import build_transform
+
+        b = self.backbone
+        return build_transform(b.image_size, b.mean, b.std, train=False)
+
+    def train_transform(self):
+        from .data.transforms import build_transform
+
+        b = self.backbone
+        return build_transform(b.image_size, b.mean, b.std, train=True)
+
+    @torch.no_grad()
+    def predict(self, images: Sequence, classnames: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Softmax probabilities [B, C] for PIL images (or paths), with the eval transform applied."""
+        from .data.loader import load_image
+
+        was_training = self.training
+        self.eval()
+        transform = self.eval_transform()
+        pils = [load_image(im) if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__") else im for im in images]
+        if not pils:
+            raise InputError("no images given")
+        out = []
+        for start in range(0, len(pils), batch_size):
+            batch = torch.stack([transform(im.convert("RGB")) for im in pils[start:start + batch_size]])
+            out.append(self(batch, classnames).softmax(dim=-1))
+        self.train(was_training)
+        return torch.cat(out)
+
+    def save(self, path: str, **metadata: str) -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, **metadata)
+
+
+def build_model(cfg: PMPOConfig, device: str | torch.device = "cpu", backbone: Backbone | None = None) -> PMPOModel:
+    """The model of ``cfg``; pass ``backbone`` to share one loaded CLIP between several models."""
+    if backbone is None:
+        backbone = load_backbone(cfg.model, cfg.pretrained, device=device, quick_gelu=cfg.quick_gelu)
+    return PMPOModel(cfg, backbone).to(device)
