@@ -16,7 +16,7 @@ import warnings
 from .errors import PMPOError
 
 # Explicit list: a command exists because it is named here, not because something was imported.
-COMMANDS = ("predict",)
+COMMANDS = ("predict", "train", "eval", "table", "sweep", "bench", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:

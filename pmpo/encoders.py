@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import block_with_attention
-from .errors import BackboneLoadError
+from .errors import BackboneLoadError, InputError
 
 
 class TextEncoder(nn.Module):
@@ -42,6 +43,9 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
         self.batch_first = getattr(tower.transformer, "batch_first", True)
+        # Recompute each block in backward instead of storing its activations: N·C sequences with
+        # gradients (ImageNet: 4 × 1000) otherwise hold gigabytes. Same gradients, ~1/3 more time.
+        self.grad_checkpointing = False
 
     @property
     def width(self) -> int:
@@ -54,6 +58,20 @@ class TextEncoder(nn.Module):
     @property
     def context_length(self) -> int:
         return self.tower.positional_embedding.shape[0]
+
+    @property
+    def token_embedding_matrix(self) -> torch.Tensor:
+        """[vocab, d_t] input token embeddings: what learned context vectors are compared against
+        when they are read back as words (CoOp's prompt interpretation)."""
+        return self.tower.token_embedding.weight
+
+    def decode(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token id as text, via the tokenizer's own decoder (BPE or Hugging Face)."""
+        tok = self.tokenizer
+        decoder = getattr(tok, "decode", None) or getattr(getattr(tok, "tokenizer", None), "decode", None)
+        if decoder is None:
+            raise BackboneLoadError(f"tokenizer {type(tok).__name__} has no decoder to turn token ids into text")
+        return [decoder([int(i)]).strip() for i in token_ids]
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         device = self.tower.token_embedding.weight.device
@@ -96,7 +114,10 @@ class TextEncoder(nn.Module):
                     x = torch.cat([x[:prompt_slice.start], p, x[prompt_slice.stop:]], dim=0)
                 else:
                     x = torch.cat([x[:, :prompt_slice.start], p, x[:, prompt_slice.stop:]], dim=1)
-            x = block(x, attn_mask=mask)
+            if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+                x = checkpoint(block, x, attn_mask=mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=mask)
         if not self.batch_first:
             x = x.transpose(0, 1)
         x = self.tower.ln_final(x)
@@ -129,6 +150,7 @@ class VisionOutput:
     features: torch.Tensor  # [B, D] projected, unnormalised
     attentions: list[torch.Tensor] | None  # per layer [B, heads, T, T] when requested
     n_tokens: int  # CLS + patch tokens (prompt tokens follow them)
+    tokens: torch.Tensor | None = None  # [B, n_tokens - 1, D] projected patch tokens when requested
 
 
 class VisionEncoder(nn.Module):
@@ -163,12 +185,21 @@ class VisionEncoder(nn.Module):
     def output_dim(self) -> int:
         return self.visual.output_dim
 
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, columns): patch token ``k`` sits at ``divmod(k, columns)``."""
+        rows, cols = self.visual.grid_size
+        return int(rows), int(cols)
+
     def forward(
         self,
         images: torch.Tensor,
         schedule: Sequence[torch.Tensor | None] | None = None,
         return_attention: bool = False,
+        return_tokens: bool = False,
     ) -> VisionOutput:
+        """``return_tokens`` also gives the patch tokens through the same final LayerNorm and
+        projection as the pooled feature, so they live in the joint space (patch-text maps)."""
         x = self.visual._embeds(images)
         batch, n_tokens = x.shape[0], x.shape[1]
         attentions: list[torch.Tensor] | None = [] if return_attention else None
@@ -186,10 +217,20 @@ class VisionEncoder(nn.Module):
                 x = block(x)
             else:
                 x = block(x.transpose(0, 1)).transpose(0, 1)
-        pooled, _ = self.visual._pool(x[:, :n_tokens])
+        pooled, tokens = self.visual._pool(x[:, :n_tokens])
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj
-        return VisionOutput(pooled, attentions, n_tokens)
+        patch = self._patch_tokens(tokens) if return_tokens else None
+        return VisionOutput(pooled, attentions, n_tokens, patch)
+
+    def _patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens as open_clip's pooling left them, normalised and projected like the pooled one."""
+        visual = self.visual
+        if getattr(visual, "attn_pool", None) is not None:
+            raise InputError("per-patch features need a ViT image tower without attention pooling")
+        if getattr(visual, "final_ln_after_pool", False):
+            tokens = visual.ln_post(tokens)  # _pool normalised only the pooled token
+        return tokens @ visual.proj if visual.proj is not None else tokens
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from ..backbone import OFFLINE_MODEL
+from ..backbone import LOCAL_DIR, OFFLINE_MODEL
 from ..config import PMPOConfig, list_methods
-from ..errors import InputError
+from ..errors import BackboneLoadError, InputError
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +50,17 @@ def load_model_from_args(args: argparse.Namespace):
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, device=device, model=model_name, pretrained=args.pretrained)
     else:
-        model = build_model(config_from_args(args), device=device)
+        cfg = config_from_args(args)
+        try:
+            model = build_model(cfg, device=device)
+        except BackboneLoadError as exc:
+            # Only the *default* backbone falls back: a backbone the user named must load or fail.
+            if args.model or args.pretrained or args.config or not Path(OFFLINE_MODEL[len(LOCAL_DIR):]).is_dir():
+                raise
+            print(f"note: {exc}\nnote: falling back to the shipped offline model {OFFLINE_MODEL} "
+                  "(a small synthetic-domain CLIP, not real CLIP weights)", file=sys.stderr)
+            cfg.model, cfg.pretrained = OFFLINE_MODEL, "none"
+            model = build_model(cfg, device=device)
     print(f"loaded {model.cfg.method} on {model.backbone.description} [{device}]", file=sys.stderr)
     return model
 

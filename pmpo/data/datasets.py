@@ -308,7 +308,9 @@ def _load_split_file_dataset(spec: _SplitFileSpec, root: Path) -> DatasetSplits:
     classnames = _classnames_from(
         (d for items in splits.values() for d in items), spec.title, split_path
     )
-    return DatasetSplits(spec.key, classnames, splits["train"], splits["val"], splits["test"], [spec.template])
+    return DatasetSplits(
+        spec.key, classnames, splits["train"], splits["val"], splits["test"], [spec.template]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +342,8 @@ def _build_fgvc_aircraft(root: Path) -> DatasetSplits:
                     f"{title}: line {line!r} of {list_file} is not '<image id> <variant>' with a "
                     f"variant from {ddir / 'variants.txt'}."
                 )
-            items.append(Datum(str(image_dir / f"{parts[0]}.jpg"), label_of[parts[1]], clean_classname(parts[1])))
+            image = str(image_dir / f"{parts[0]}.jpg")
+            items.append(Datum(image, label_of[parts[1]], clean_classname(parts[1])))
         splits[split] = items
     _check_first_exists(title, splits, image_dir, hint)
     classnames = [clean_classname(c) for c in classnames_raw]
@@ -362,7 +365,9 @@ def _read_class_folders(
     for wnid in wnids:
         label = labels[wnid]
         class_dir = folder / wnid
-        items.extend(Datum(str(class_dir / name), label, classnames[label]) for name in _list_images(class_dir))
+        items.extend(
+            Datum(str(class_dir / name), label, classnames[label]) for name in _list_images(class_dir)
+        )
     return items
 
 
@@ -483,7 +488,10 @@ def _build_imagenetv2(root: Path) -> DatasetSplits:
     test = []
     for folder in sorted(folders, key=int):
         label = int(folder)
-        test.extend(Datum(str(image_dir / folder / n), label, classnames[label]) for n in _list_images(image_dir / folder))
+        class_dir = image_dir / folder
+        test.extend(
+            Datum(str(class_dir / n), label, classnames[label]) for n in _list_images(class_dir)
+        )
     return DatasetSplits("imagenetv2", classnames, [], [], test, [DEFAULT_TEMPLATE])
 
 

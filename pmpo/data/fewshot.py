@@ -199,7 +199,9 @@ def subsample_classes(splits: DatasetSplits, subsample: str) -> DatasetSplits:
     if choice == "all":
         return splits
     if splits.num_classes < 2:
-        raise DatasetError(f"{splits.name}: a base/new split needs at least 2 classes, it has {splits.num_classes}.")
+        raise DatasetError(
+            f"{splits.name}: a base/new split needs at least 2 classes, it has {splits.num_classes}."
+        )
     base, new = base_new_labels(splits.num_classes)
     selected = base if choice == "base" else new
     relabel = {old: new_id for new_id, old in enumerate(selected)}

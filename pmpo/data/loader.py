@@ -64,7 +64,11 @@ class ImageDataset(Dataset):
     without one the image is only converted to a float tensor in [0, 1].
     """
 
-    def __init__(self, items: Sequence[Datum], transform: Callable[[Image.Image], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        items: Sequence[Datum],
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    ):
         self.items = list(items)
         self.transform = transform
 

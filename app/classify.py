@@ -1,0 +1,176 @@
+"""The Classify tab: zero-shot CLIP, the manual prior and the learned prompts side by side.
+
+Three views of one image batch, all from one prompt model:
+
+* **zero-shot CLIP** — the unprompted image feature against the manual prior (plain CLIP);
+* **prior (prompted image)** — the prompted image feature against the prior alone, which
+  shows what the visual prompts do on their own;
+* **learned** — the prompted image feature against the combined class weights
+  ``normalise((1 − α)·mean_i t_i + α·t0)``, i.e. the model's actual prediction;
+
+plus what each of the N prompts would predict alone (its class embeddings only).
+The image tower runs twice per batch (plain and prompted); the text side is cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image
+
+from .state import AppState, LoadedModel
+
+VIEWS = ("zero-shot CLIP", "prior (prompted image)", "learned")
+MAX_CHART_IMAGES = 8
+
+
+@dataclass
+class Scores:
+    """Probabilities of every view for a batch: ``probs[view]`` is [B, C]; ``per_prompt`` [N, B, C]."""
+
+    classnames: list[str]
+    image_names: list[str]
+    probs: dict[str, torch.Tensor]
+    per_prompt: torch.Tensor | None
+    segments: list[tuple[int, int]]
+    learned_label: str
+
+
+def preprocess(model, images: Sequence[Image.Image]) -> torch.Tensor:
+    transform = model.eval_transform()
+    return torch.stack([transform(im.convert("RGB")) for im in images]).to(model.device)
+
+
+def prompted_features(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Normalised prompted image features: one [B, D] (single pass) or N of them (per_prompt)."""
+    out = model.encode_image(x)
+    views = out if isinstance(out, list) else [out]
+    return [F.normalize(v.features.float(), dim=-1) for v in views]
+
+
+@torch.no_grad()
+def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], image_names: Sequence[str],
+          classnames: list[str], templates: list[str], batch_size: int = 32) -> Scores:
+    """All views for ``images``; holds the model's lock (its text caches are not thread-safe)."""
+    model = entry.model
+    with entry.lock:
+        cw = state.class_weights(entry, classnames, templates)
+        scale = model.logit_scale
+        rows: dict[str, list[torch.Tensor]] = {v: [] for v in VIEWS}
+        per_prompt: list[torch.Tensor] = []
+        for start in range(0, len(images), batch_size):
+            x = preprocess(model, images[start:start + batch_size])
+            plain = model.plain_image_features(x)
+            feats = prompted_features(model, x)
+            rows[VIEWS[0]].append(scale * plain @ cw.prior.t())
+            rows[VIEWS[1]].append(scale * torch.stack([f @ cw.prior.t() for f in feats]).mean(0))
+            if cw.prompts is not None:
+                alpha = model.cfg.alpha
+                # Prompt i's view of the image (its own pass under per_prompt) meets its class
+                # embeddings mixed with the prior, as in PMPOModel.logits_from.
+                mixed = [F.normalize((1 - alpha) * cw.prompts[i] + alpha * cw.prior, dim=-1) for i in range(len(cw.prompts))]
+                if len(feats) == 1:
+                    learned = scale * feats[0] @ cw.weights.t()
+                else:
+                    learned = scale * torch.stack([feats[i] @ mixed[i].t() for i in range(len(feats))]).mean(0)
+                per_prompt.append(torch.stack([
+                    scale * feats[i if len(feats) > 1 else 0] @ cw.prompts[i].t() for i in range(len(cw.prompts))
+                ]))
+            else:
+                learned = scale * feats[0] @ cw.weights.t()
+            rows[VIEWS[2]].append(learned)
+    probs = {v: torch.cat(r).softmax(-1).cpu() for v, r in rows.items()}
+    segments = list(model.prompts.segments) if model.prompts is not None else []
+    return Scores(list(classnames), list(image_names), probs,
+                  torch.cat(per_prompt, dim=1).softmax(-1).cpu() if per_prompt else None,
+                  segments, f"learned ({entry.choice})")
+
+
+def topk_rows(scores: Scores, k: int) -> list[list]:
+    """Rows: image, rank, then (class, %) for each view."""
+    k = max(1, min(int(k), len(scores.classnames)))
+    rows = []
+    tops = {v: scores.probs[v].topk(k, dim=-1) for v in VIEWS}
+    for b, name in enumerate(scores.image_names):
+        for r in range(k):
+            row: list = [name, r + 1]
+            for v in VIEWS:
+                p, i = tops[v]
+                row += [scores.classnames[int(i[b, r])], round(100 * float(p[b, r]), 2)]
+            rows.append(row)
+    return rows
+
+
+def topk_headers() -> list[str]:
+    out = ["image", "rank"]
+    for v in VIEWS:
+        out += [v, f"{v} %"]
+    return out
+
+
+def per_prompt_rows(scores: Scores, k: int = 2) -> list[list]:
+    """Rows: image, prompt, its vision layers, then its top-k (class, %) alone."""
+    if scores.per_prompt is None:
+        return []
+    k = max(1, min(k, len(scores.classnames)))
+    p, idx = scores.per_prompt.topk(k, dim=-1)  # [N, B, k]
+    rows = []
+    for b, name in enumerate(scores.image_names):
+        for i in range(p.shape[0]):
+            layers = f"{scores.segments[i][0]}–{scores.segments[i][1]}" if i < len(scores.segments) else "text only"
+            row: list = [name, f"prompt {i + 1}", layers]
+            for r in range(k):
+                row += [scores.classnames[int(idx[i, b, r])], round(100 * float(p[i, b, r]), 2)]
+            rows.append(row)
+    return rows
+
+
+def per_prompt_headers(k: int = 2) -> list[str]:
+    out = ["image", "prompt", "vision layers"]
+    for r in range(1, k + 1):
+        out += [f"top-{r}", f"top-{r} %"]
+    return out
+
+
+def as_json(scores: Scores, k: int) -> dict:
+    """Everything the tables show, as plain data (what API clients read)."""
+    k = max(1, min(int(k), len(scores.classnames)))
+    images = []
+    for b, name in enumerate(scores.image_names):
+        item = {"image": name}
+        for v in VIEWS:
+            p, i = scores.probs[v][b].topk(k)
+            item[v] = [[scores.classnames[int(j)], round(float(q), 6)] for q, j in zip(p, i)]
+        if scores.per_prompt is not None:
+            item["per_prompt"] = [scores.classnames[int(j)] for j in scores.per_prompt[:, b].argmax(-1)]
+        images.append(item)
+    return {"classes": scores.classnames, "learned": scores.learned_label, "images": images}
+
+
+def bar_chart(scores: Scores, k: int) -> Figure:
+    """One row per image (at most MAX_CHART_IMAGES), one panel per view: top-k probabilities."""
+    k = max(1, min(int(k), len(scores.classnames), 10))
+    n = min(len(scores.image_names), MAX_CHART_IMAGES)
+    fig = Figure(figsize=(11, 0.5 + (0.35 * k + 0.6) * n), dpi=80, layout="constrained")
+    axes = fig.subplots(n, len(VIEWS), squeeze=False)
+    colours = ("#7f7f7f", "#1f77b4", "#d62728")
+    for b in range(n):
+        for j, v in enumerate(VIEWS):
+            ax = axes[b][j]
+            p, idx = scores.probs[v][b].topk(k)
+            labels = [scores.classnames[int(i)][:28] for i in idx]
+            ax.barh(range(k)[::-1], [100 * float(q) for q in p], color=colours[j])
+            ax.set_yticks(range(k)[::-1], labels, fontsize=8)
+            ax.set_xlim(0, 100)
+            ax.tick_params(axis="x", labelsize=7)
+            if b == 0:
+                ax.set_title(scores.learned_label if v == "learned" else v, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(scores.image_names[b][:24], fontsize=8)
+    if len(scores.image_names) > n:
+        fig.suptitle(f"first {n} of {len(scores.image_names)} images (all are in the table)", fontsize=9)
+    return fig

@@ -1,0 +1,448 @@
+"""What the app keeps between requests: loaded backbones, prompt models, caches, checkpoints.
+
+One frozen CLIP (a :class:`~pmpo.backbone.Backbone`) is loaded once and shared by every prompt
+model built on it (``build_model(cfg, backbone=...)`` / ``load_checkpoint(..., backbone=...)``):
+prompt checkpoints are kilobytes, a CLIP is hundreds of megabytes. Everything cached here is a
+bounded LRU, so a long-running public Space cannot grow without limit.
+
+Requests never mutate a shared model: templates are passed explicitly to
+``prior_features``, and each model carries a lock held while it computes, because the model's
+own feature caches are plain ``OrderedDict`` objects that are not safe to update from two
+threads at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Generic, Hashable, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from pmpo.backbone import LOCAL_DIR, OFFLINE_MODEL, SHIPPED_MODELS, Backbone, load_backbone
+from pmpo.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
+from pmpo.config import PMPOConfig
+from pmpo.errors import BackboneLoadError, CheckpointError, InputError, PMPOError
+from pmpo.model import ClassWeights, PMPOModel, build_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "ViT-B-16-quickgelu"
+DEFAULT_PRETRAINED = "openai"
+UNTRAINED = "untrained PMPO (init)"
+UPLOAD_PREFIX = "upload: "
+TRAINED_PREFIX = "trained: "
+CHECKPOINT_DIR = SHIPPED_MODELS  # checkpoints/*.safetensors are offered in the picker
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LRU(Generic[K, V]):
+    """A small thread-safe least-recently-used map with a hard size bound."""
+
+    def __init__(self, capacity: int, on_evict: Callable[[K, V], None] | None = None):
+        self.capacity = capacity
+        self._data: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+        self._on_evict = on_evict
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            if key not in self._data:
+                return None
+            self._data.move_to_end(key)
+            return self._data[key]
+
+    def put(self, key: K, value: V) -> None:
+        evicted = []
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                evicted.append(self._data.popitem(last=False))
+        for k, v in evicted:
+            if self._on_evict:
+                self._on_evict(k, v)
+
+    def pop(self, key: K) -> V | None:
+        with self._lock:
+            return self._data.pop(key, None)
+
+    def keys(self) -> list[K]:
+        with self._lock:
+            return list(self._data)
+
+    def items(self) -> list[tuple[K, V]]:
+        with self._lock:
+            return list(self._data.items())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which CLIP: an open_clip name (or ``local-dir:PATH``) and a pretrained tag/file or None."""
+
+    model: str
+    pretrained: str | None = None
+
+    @staticmethod
+    def of(model: str, pretrained: str | None) -> "BackboneSpec":
+        model = (model or "").strip()
+        if not model:
+            raise InputError("Backbone model name is empty: give an open_clip name (e.g. ViT-B-16-quickgelu) or local-dir:PATH.")
+        pretrained = (pretrained or "").strip() or None
+        if model.startswith(LOCAL_DIR) or (pretrained or "").lower() in ("none", "random"):
+            pretrained = None if model.startswith(LOCAL_DIR) else "none"
+        return BackboneSpec(model, pretrained)
+
+    @property
+    def label(self) -> str:
+        if self.model.startswith(LOCAL_DIR):
+            return f"{Path(self.model[len(LOCAL_DIR):]).name} (local folder)"
+        return f"{self.model} ({'random init' if self.pretrained in (None, 'none') else self.pretrained})"
+
+
+@dataclass
+class LoadedModel:
+    """A prompt model ready to serve, with the lock that guards its caches."""
+
+    model: PMPOModel
+    choice: str
+    spec: BackboneSpec
+    notices: list[str] = field(default_factory=list)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    uid: int = field(default_factory=itertools.count().__next__)
+
+    @property
+    def description(self) -> str:
+        m = self.model
+        n = m.prompts.n_prompts if m.prompts is not None else 0
+        return f"{self.choice} — {m.cfg.method}, N={n}, {m.num_learnable():,} learnable parameters"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("PMPO_CACHE_DIR")
+    if root:
+        path = Path(root)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return Path(tempfile.mkdtemp(prefix="pmpo-app-"))
+
+
+class AppState:
+    """Model registry and caches shared by every session of one app process."""
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        default_spec: BackboneSpec,
+        notices: list[str] | None = None,
+        cache_dir: str | Path | None = None,
+        checkpoint_dir: str | Path = CHECKPOINT_DIR,
+        max_backbones: int = 2,
+        max_models: int = 6,
+        default_choice: str = UNTRAINED,
+    ):
+        self.device = torch.device(device)
+        self.default_spec = default_spec
+        self.notices = list(notices or [])
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.default_choice = default_choice
+        self._backbones: LRU[BackboneSpec, Backbone] = LRU(max_backbones, on_evict=self._backbone_evicted)
+        self._models: LRU[tuple, LoadedModel] = LRU(max_models)
+        self._extra_checkpoints: LRU[str, str] = LRU(32, on_evict=lambda name, path: None)
+        self.prompt_cache: LRU[tuple, torch.Tensor] = LRU(16)
+        self._load_lock = threading.RLock()
+
+    # --- backbones -----------------------------------------------------------------------------
+    def add_backbone(self, spec: BackboneSpec, backbone: Backbone) -> None:
+        self._backbones.put(spec, backbone)
+
+    def backbone(self, spec: BackboneSpec | None = None) -> Backbone:
+        """The CLIP of ``spec``, loaded on first use and then shared."""
+        spec = spec or self.default_spec
+        found = self._backbones.get(spec)
+        if found is not None:
+            return found
+        with self._load_lock:
+            found = self._backbones.get(spec)
+            if found is None:
+                log.info("loading backbone %s", spec.label)
+                found = load_backbone(spec.model, spec.pretrained, device=self.device)
+                self._backbones.put(spec, found)
+        return found
+
+    def _backbone_evicted(self, spec: BackboneSpec, _: Backbone) -> None:
+        for key, _entry in self._models.items():
+            if key[0] == spec:
+                self._models.pop(key)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def checkpoint_choices(self) -> list[str]:
+        """The picker's entries: the untrained init, shipped files, uploads and in-app trainings."""
+        shipped = sorted(p.name for p in self.checkpoint_dir.glob("*.safetensors")) if self.checkpoint_dir.is_dir() else []
+        return [UNTRAINED, *shipped, *self._extra_checkpoints.keys()]
+
+    def checkpoint_path(self, choice: str) -> Path | None:
+        if not choice or choice == UNTRAINED:
+            return None
+        extra = self._extra_checkpoints.get(choice)
+        if extra is not None:
+            return Path(extra)
+        path = self.checkpoint_dir / choice
+        if path.suffix == ".safetensors" and path.parent == self.checkpoint_dir and path.is_file():
+            return path
+        raise InputError(f"Unknown prompt checkpoint {choice!r}; pick one from the list or upload a .safetensors file.")
+
+    def add_checkpoint_file(self, path: str | Path, prefix: str = UPLOAD_PREFIX, name: str | None = None) -> str:
+        """Validate a prompt checkpoint (safetensors + pmpo metadata) and offer it in the picker."""
+        path = Path(path)
+        if path.suffix.lower() != ".safetensors":
+            raise CheckpointError(
+                f"{path.name!r} is not a .safetensors file. Prompt checkpoints are safetensors files written by "
+                "pmpo (pickled .pt/.pth files are refused on purpose)."
+            )
+        read_checkpoint(path)  # raises CheckpointError with the reason
+        checkpoint_config(path)
+        stored = self.cache_dir / "checkpoints" / f"{uuid.uuid4().hex[:8]}-{path.name}"
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        if path.resolve() != stored.resolve():
+            shutil.copyfile(path, stored)
+        choice = prefix + (name or path.name)
+        self._extra_checkpoints.put(choice, str(stored))
+        return choice
+
+    # --- prompt models ---------------------------------------------------------------------------
+    def model(self, spec: BackboneSpec | None = None, choice: str | None = None) -> LoadedModel:
+        """The prompt model ``choice`` on backbone ``spec`` (built once, then cached)."""
+        spec = spec or self.default_spec
+        choice = choice or UNTRAINED
+        path = self.checkpoint_path(choice)
+        stamp = path.stat().st_mtime_ns if path is not None else 0
+        key = (spec, choice, stamp)
+        found = self._models.get(key)
+        if found is not None:
+            return found
+        with self._load_lock:
+            found = self._models.get(key)
+            if found is None:
+                found = self._build(spec, choice, path)
+                self._models.put(key, found)
+        return found
+
+    def _build(self, spec: BackboneSpec, choice: str, path: Path | None) -> LoadedModel:
+        backbone = self.backbone(spec)
+        notices = []
+        if path is None:
+            cfg = PMPOConfig(method="pmpo", model=backbone.model_name, pretrained=backbone.pretrained or "none")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # the same "untrained" prompts in every session and run
+                model = build_model(cfg, device=self.device, backbone=backbone)
+            notices.append(
+                "The 'learned' column uses an **untrained PMPO initialisation** (contexts from "
+                "'a photo of a', random couplings): load or train a prompt checkpoint for learned prompts."
+            )
+        else:
+            stored = checkpoint_config(path)
+            try:
+                model = load_checkpoint(path, device=self.device, backbone=backbone)
+            except CheckpointError as exc:
+                raise CheckpointError(str(exc).replace(str(path), repr(choice))) from exc
+            if _backbone_key(stored.model) != _backbone_key(backbone.model_name) or (
+                (stored.pretrained or "none") != (backbone.pretrained or "none") and not backbone.model_name.startswith(LOCAL_DIR)
+            ):
+                notices.append(
+                    f"Checkpoint {choice!r} was trained on {stored.model} ({stored.pretrained}); it is running on "
+                    f"{spec.label}. The sizes fit, but the prompts were learned for another CLIP."
+                )
+        return LoadedModel(model.eval(), choice, spec, notices)
+
+    # --- text features ----------------------------------------------------------------------------
+    def class_weights(self, entry: LoadedModel, names: list[str], templates: list[str]) -> ClassWeights:
+        """Class weights with *these* templates, without touching ``model.templates``.
+
+        The prior is cached by the model (keyed by names and templates); the per-prompt text
+        features by this bounded cache (keyed by model, prompt version and names). Call with
+        ``entry.lock`` held.
+        """
+        model = entry.model
+        with torch.no_grad():
+            prior = model.prior_features(names, templates)
+            if model.prompts is None:
+                return ClassWeights(prior, None, prior)
+            key = (entry.uid, model._prompt_version(), tuple(names))
+            prompts = self.prompt_cache.get(key)
+            if prompts is None:
+                prompts = model.prompt_features(names)
+                self.prompt_cache.put(key, prompts)
+            alpha = model.cfg.alpha
+            weights = F.normalize((1 - alpha) * prompts.mean(0) + alpha * prior, dim=-1)
+        return ClassWeights(weights, prompts, prior)
+
+
+def _backbone_key(model: str) -> str:
+    """Compare local-dir backbones by folder name: a checkpoint made elsewhere names another path."""
+    if model.startswith(LOCAL_DIR):
+        return LOCAL_DIR + Path(model[len(LOCAL_DIR):]).name
+    return model
+
+
+def offline_model_present() -> bool:
+    return (Path(OFFLINE_MODEL[len(LOCAL_DIR):]) / "open_clip_config.json").is_file()
+
+
+# --- start-up -------------------------------------------------------------------------------------
+HOW_TO_LOAD = (
+    "To load real CLIP weights: run once with a network so they reach the Hugging Face cache "
+    "(`python app.py --model ViT-B-16-quickgelu --pretrained openai`), or pass a weights file "
+    "(`--pretrained /path/open_clip_model.safetensors`) or an open_clip folder (`--model local-dir:/path`)."
+)
+
+
+def open_state(
+    model: str | None = None,
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
+    checkpoint_dir: str | Path = CHECKPOINT_DIR,
+) -> AppState:
+    """Load the start-up backbone, falling back (with a visible notice) when it cannot be had.
+
+    Order: the requested backbone (or the one a ``checkpoint`` names, or ViT-B/16 + OpenAI);
+    without network or local copy the shipped offline ShapeWorld CLIP; if that is not there
+    either, the requested architecture with random weights, so the app still serves and says why.
+    """
+    notices: list[str] = []
+    if checkpoint and model is None:
+        try:
+            stored = checkpoint_config(checkpoint)
+            model, pretrained = stored.model, stored.pretrained
+            from pmpo.checkpoint import _relocate_local_dir
+
+            model = _relocate_local_dir(model)
+        except PMPOError as exc:
+            notices.append(f"**Checkpoint not loaded:** {exc}")
+            checkpoint = None
+    requested = BackboneSpec.of(model or DEFAULT_MODEL, pretrained if model else (pretrained or DEFAULT_PRETRAINED))
+
+    attempts = [requested]
+    if requested.model != OFFLINE_MODEL:
+        attempts.append(BackboneSpec.of(OFFLINE_MODEL, None))
+    fallback_arch = requested.model if not requested.model.startswith(LOCAL_DIR) else DEFAULT_MODEL
+    attempts.append(BackboneSpec(fallback_arch, "none"))
+
+    loaded: tuple[BackboneSpec, Backbone] | None = None
+    failures: list[str] = []
+    for spec in attempts:
+        if spec.model == OFFLINE_MODEL and not offline_model_present():
+            failures.append(
+                "the shipped offline ShapeWorld CLIP (checkpoints/shapeworld-clip/) is not in this copy "
+                "(it is produced by tools/pretrain_shapeworld.py)"
+            )
+            continue
+        try:
+            loaded = (spec, load_backbone(spec.model, spec.pretrained, device=device))
+            break
+        except BackboneLoadError as exc:
+            failures.append(str(exc))
+    if loaded is None:  # only when even a random-init build fails: nothing sensible to serve
+        raise BackboneLoadError("no backbone could be loaded: " + " | ".join(failures))
+    spec, backbone = loaded
+
+    if spec != requested:
+        reason = failures[0] if failures else ""
+        what = (
+            "the offline **ShapeWorld CLIP** (a small CLIP pretrained on synthetic coloured shapes; "
+            "it knows classes like 'red circle' or 'blue star', not real-world objects)"
+            if spec.model == OFFLINE_MODEL
+            else f"**{spec.label} with random weights — predictions are meaningless**"
+        )
+        notices.append(f"Could not load {requested.label}: {_first_sentence(reason)}. Running {what}. {HOW_TO_LOAD}")
+        if spec.model != OFFLINE_MODEL and len(failures) > 1:
+            notices.append(f"Also unavailable: {failures[1]}.")
+    elif spec.model == OFFLINE_MODEL:
+        notices.append("Running the offline **ShapeWorld CLIP** (synthetic coloured shapes). " + HOW_TO_LOAD)
+    elif spec.pretrained in (None, "none") and not spec.model.startswith(LOCAL_DIR):
+        notices.append(f"Running **{spec.label}**: random weights, predictions are meaningless (for speed tests).")
+
+    state = AppState(device, spec, notices, cache_dir=cache_dir, checkpoint_dir=checkpoint_dir)
+    state.add_backbone(spec, backbone)
+    if checkpoint:
+        try:
+            choice = state.add_checkpoint_file(checkpoint)
+            state.model(spec, choice)
+            state.default_choice = choice
+        except PMPOError as exc:
+            state.notices.append(f"**Checkpoint not loaded:** {exc}")
+    return state
+
+
+def _first_sentence(text: str) -> str:
+    text = re.sub(r"^could not load [^:]+: ", "", text.strip())  # the notice already names the backbone
+    cut = text.find(". ")
+    return (text[:cut] if cut > 0 else text).rstrip(".")[:300]
+
+
+# --- example images -------------------------------------------------------------------------------
+EXAMPLE_CLASSES = ["red circle", "blue square", "green triangle", "yellow star",
+                   "purple hexagon", "orange cross", "cyan diamond", "pink heart"]
+
+
+def example_images(folder: str | Path, classes: list[str] = EXAMPLE_CLASSES, seed: int = 7, size: int = 128) -> list[str]:
+    """Render one ShapeWorld image per class as ``<colour>_<shape>.png`` (deterministic, cheap).
+
+    Generated rather than committed: the renders come from the same generator the offline model
+    was trained on, so they are always in sync with it.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from pmpo.data import shapeworld as sw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sw.class_names()
+    paths = []
+    for i, cls in enumerate(classes):
+        label = names.index(cls)
+        path = folder / f"{cls.replace(' ', '_')}.png"
+        if not path.is_file():
+            rng = np.random.default_rng([seed, i])
+            sample = sw.sample_class_scene(label, rng, style="pretrain", size=size)
+            tmp = path.with_suffix(".tmp.png")
+            Image.fromarray(sample.image, "RGB").save(tmp)
+            os.replace(tmp, path)
+        paths.append(str(path))
+    return paths
+
+
+def label_from_filename(path: str, classnames: list[str]) -> str | None:
+    """'red_circle_3.png' -> 'red circle' when that is a class: lets examples carry their labels."""
+    stem = re.sub(r"[_\-\s]*\d+$", "", Path(path).stem).replace("_", " ").replace("-", " ").strip().lower()
+    for c in classnames:
+        if c.lower() == stem:
+            return c
+    return None
+
+
+__all__ = [
+    "AppState", "BackboneSpec", "LoadedModel", "LRU", "UNTRAINED", "EXAMPLE_CLASSES", "HOW_TO_LOAD",
+    "example_images", "label_from_filename", "open_state", "offline_model_present",
+]

@@ -1,0 +1,415 @@
+"""The app's functions, tab by tab, without a browser or a server (tiny random-init CLIP)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app import attention, benchmarks, classify, embeddings, inputs
+from app import state as app_state
+from app import train as train_tab
+from app.state import UNTRAINED, AppState, BackboneSpec, LRU, example_images, label_from_filename, open_state
+from pmpo import PMPOConfig, build_model
+from pmpo.errors import CheckpointError, InputError
+
+TEMPLATES = ["a photo of a {}."]
+CLASSES = ["red circle", "blue square", "green triangle"]
+
+
+@pytest.fixture(scope="module")
+def state(tiny_model, tmp_path_factory) -> AppState:
+    return open_state(tiny_model, None, device="cpu", cache_dir=tmp_path_factory.mktemp("app-cache"),
+                      checkpoint_dir=tmp_path_factory.mktemp("no-checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def pictures(state) -> list[str]:
+    return example_images(state.cache_dir / "examples")
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(state, tmp_path_factory) -> str:
+    """A 'trained' checkpoint: the untrained init with visibly moved contexts."""
+    backbone = state.backbone()
+    model = build_model(PMPOConfig(method="pmpo", model=backbone.model_name, pretrained="none"), backbone=backbone)
+    with torch.no_grad():
+        model.prompts.ctx.add_(torch.randn(model.prompts.ctx.shape, generator=torch.Generator().manual_seed(3)))
+    path = tmp_path_factory.mktemp("ckpt") / "moved.safetensors"
+    model.save(str(path))
+    return str(path)
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+def test_parse_classes_lines_commas_duplicates_and_limits():
+    assert inputs.parse_classes("cat, dog ,bird").names == ["cat", "dog", "bird"]
+    assert inputs.parse_classes("sofa, couch\nchair\n\n").names == ["sofa, couch", "chair"]
+    parsed = inputs.parse_classes("cat\nDog\ncat\ndog")
+    assert parsed.names == ["cat", "Dog"] and "duplicate" in parsed.notices[0]
+    with pytest.raises(InputError, match="empty"):
+        inputs.parse_classes(" \n , ")
+    with pytest.raises(InputError, match="too long"):
+        inputs.parse_classes("x" * 500)
+    with pytest.raises(InputError, match="1001 classes"):
+        inputs.parse_classes(",".join(f"class {i}" for i in range(1001)))
+
+
+def test_parse_templates_rejects_bad_ones():
+    assert inputs.parse_templates("a photo of a {}.\n a {} drawing ") == ["a photo of a {}.", "a {} drawing"]
+    for bad, match in (("", "empty"), ("a photo", "no '{}'"), ("{} and {}", "exactly one"), ("a {name}", "no '{}'")):
+        with pytest.raises(InputError, match=match):
+            inputs.parse_templates(bad)
+
+
+def test_load_images_skips_bad_files_and_names_them(tmp_path, pictures):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    loaded = inputs.load_images([pictures[0], {"path": str(corrupt)}, str(text)])
+    assert loaded.names == [Path(pictures[0]).name]
+    assert "corrupt.png" in loaded.notices[0] and "notes.txt" in loaded.notices[0]
+    assert str(tmp_path) not in loaded.notices[0]  # server paths are not shown to users
+    with pytest.raises(InputError, match="No usable image"):
+        inputs.load_images([str(corrupt)])
+    with pytest.raises(InputError, match="No images"):
+        inputs.load_images(None)
+
+
+def test_oversized_image_is_refused_before_decoding(tmp_path):
+    big = tmp_path / "huge.png"
+    Image.new("1", (8000, 6000)).save(big)  # 48 megapixels, a few kB on disk
+    with pytest.raises(InputError, match="too large"):
+        inputs.load_images([str(big)])
+
+
+# --- state -----------------------------------------------------------------------------------------
+
+def test_lru_is_bounded_and_thread_safe():
+    cache = LRU(3)
+    threads = [threading.Thread(target=lambda k=k: [cache.put((k, i), i) for i in range(200)]) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(cache) == 3
+
+
+def test_models_share_one_backbone_and_are_cached(state, trained_checkpoint):
+    untrained = state.model(None, UNTRAINED)
+    assert state.model(None, UNTRAINED) is untrained
+    choice = state.add_checkpoint_file(trained_checkpoint)
+    assert choice in state.checkpoint_choices()
+    trained = state.model(None, choice)
+    assert trained.model.backbone is untrained.model.backbone
+    assert not torch.equal(trained.model.prompts.ctx, untrained.model.prompts.ctx)
+
+
+def test_bad_checkpoints_get_clear_errors(state, tmp_path, wide_model):
+    pickle = tmp_path / "prompts.pt"
+    pickle.write_bytes(b"\x80\x04")
+    with pytest.raises(CheckpointError, match="not a .safetensors file"):
+        state.add_checkpoint_file(pickle)
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"random bytes, not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        state.add_checkpoint_file(fake)
+    wide = build_model(PMPOConfig(method="pmpo", model=wide_model, pretrained="none"))
+    other = tmp_path / "wide.safetensors"
+    wide.save(str(other))
+    choice = state.add_checkpoint_file(other)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        state.model(None, choice)
+    with pytest.raises(InputError, match="Unknown prompt checkpoint"):
+        state.model(None, "no-such.safetensors")
+
+
+def test_startup_falls_back_to_offline_model_with_notice(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setattr(app_state, "OFFLINE_MODEL", tiny_model)
+    monkeypatch.setattr(app_state, "offline_model_present", lambda: True)
+    st = open_state("local-dir:/nonexistent/clip", None, device="cpu", cache_dir=tmp_path)
+    assert st.default_spec.model == tiny_model
+    notice = " ".join(st.notices)
+    assert "Could not load" in notice and "ShapeWorld" in notice and "--pretrained" in notice
+
+
+def test_startup_without_offline_model_runs_random_weights_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(app_state, "offline_model_present", lambda: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    st = open_state("ViT-B-32-quickgelu", "openai", device="cpu", cache_dir=tmp_path)
+    assert st.default_spec == BackboneSpec("ViT-B-32-quickgelu", "none")
+    notice = " ".join(st.notices)
+    assert "random weights" in notice and "not in this copy" in notice
+
+
+def test_label_from_filename():
+    assert label_from_filename("/x/red_circle_3.png", CLASSES) == "red circle"
+    assert label_from_filename("/x/Blue-Square.jpg", CLASSES) == "blue square"
+    assert label_from_filename("/x/photo.jpg", CLASSES) is None
+
+
+# --- classify --------------------------------------------------------------------------------------
+
+def test_classify_views_match_the_model(state, pictures):
+    entry = state.model()
+    model = entry.model
+    images = [Image.open(p).convert("RGB") for p in pictures[:3]]
+    scores = classify.score(state, entry, images, ["a", "b", "c"], CLASSES, TEMPLATES)
+    x = classify.preprocess(model, images)
+    with torch.no_grad():
+        zero = model.zero_shot_logits(x, CLASSES).softmax(-1)
+        learned = model(x, CLASSES).softmax(-1)
+        per_prompt = model.per_prompt_logits(x, CLASSES).softmax(-1)
+    assert torch.allclose(scores.probs["zero-shot CLIP"], zero, atol=1e-5)
+    assert torch.allclose(scores.probs["learned"], learned, atol=1e-5)
+    assert torch.allclose(scores.per_prompt, per_prompt, atol=1e-5)
+    rows = classify.topk_rows(scores, 2)
+    assert len(rows) == 3 * 2 and len(rows[0]) == len(classify.topk_headers())
+    assert len(classify.per_prompt_rows(scores)) == 3 * model.prompts.n_prompts
+    data = classify.as_json(scores, 5)
+    assert data["classes"] == CLASSES and len(data["images"][0]["learned"]) == 3
+    assert classify.bar_chart(scores, 3) is not None
+
+
+def test_templates_are_passed_not_mutated(state, trained_checkpoint, pictures):
+    entry = state.model(None, state.add_checkpoint_file(trained_checkpoint))
+    images = [Image.open(pictures[0]).convert("RGB")]
+    plain = classify.score(state, entry, images, ["a"], CLASSES, TEMPLATES)
+    other = classify.score(state, entry, images, ["a"], CLASSES, ["a drawing of a {}.", "itap of a {}."])
+    assert entry.model.templates == TEMPLATES
+    assert not torch.allclose(plain.probs["zero-shot CLIP"], other.probs["zero-shot CLIP"])
+    assert torch.allclose(plain.per_prompt, other.per_prompt)  # prompts alone ignore the templates
+
+
+def test_classify_many_classes_and_limits(state, pictures):
+    entry = state.model()
+    names = inputs.parse_classes(",".join(f"thing {i}" for i in range(120))).names
+    scores = classify.score(state, entry, [Image.open(pictures[0]).convert("RGB")], ["a"], names, TEMPLATES)
+    assert scores.probs["learned"].shape == (1, 120)
+    assert torch.allclose(scores.probs["learned"].sum(-1), torch.ones(1))
+
+
+# --- attention -------------------------------------------------------------------------------------
+
+def test_return_tokens_matches_open_clip_and_keeps_default(state):
+    model = state.model().model
+    visual = model.clip.visual
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model.vision(x)
+        with_tokens = model.vision(x, return_tokens=True)
+        visual.output_tokens = True
+        try:
+            ref_pooled, ref_tokens = visual(x)
+        finally:
+            visual.output_tokens = False
+    assert plain.tokens is None
+    assert torch.equal(plain.features, with_tokens.features)
+    assert torch.allclose(with_tokens.features, ref_pooled, atol=1e-5)
+    assert torch.allclose(with_tokens.tokens, ref_tokens @ visual.proj, atol=1e-5)
+    assert with_tokens.tokens.shape == (2, 16, model.vision.output_dim)
+
+
+def test_attention_maps_per_segment(state, pictures):
+    entry = state.model()
+    model = entry.model
+    maps = attention.attention_maps(state, entry, Image.open(pictures[0]), CLASSES, TEMPLATES, "blue square")
+    n = model.prompts.n_prompts
+    assert maps.classname == "blue square"
+    assert len(maps.titles) == len(maps.cls_maps) == len(maps.text_maps) == n + 1
+    assert all(m.shape == (4, 4) for m in maps.cls_maps + maps.text_maps)
+    assert all(0 <= m.min() and m.sum() <= 1 + 1e-5 for m in maps.cls_maps)
+    mass = maps.layer_mass["prompted pass"]
+    assert len(mass) == model.vision.n_layers and all(0 < v < 1 for v in mass)
+    assert attention.maps_figure(maps) is not None and attention.mass_figure(maps) is not None
+    with pytest.raises(InputError, match="not in the class list"):
+        attention.attention_maps(state, entry, Image.open(pictures[0]), CLASSES, TEMPLATES, "dog")
+
+
+def test_prompt_attention_is_zero_before_the_first_prompted_layer(state, pictures):
+    backbone = state.backbone()
+    model = build_model(PMPOConfig(method="pmpo", model=backbone.model_name, pretrained="none", partition="second-half"),
+                        backbone=backbone)
+    from app.state import LoadedModel
+
+    entry = LoadedModel(model.eval(), "second-half", state.default_spec)
+    maps = attention.attention_maps(state, entry, Image.open(pictures[1]), CLASSES, TEMPLATES)
+    first = model.prompts.segments[0][0]
+    mass = maps.layer_mass["prompted pass"]
+    assert first == 6 and all(v == 0 for v in mass[:first]) and all(v > 0 for v in mass[first:])
+
+
+# --- embeddings ------------------------------------------------------------------------------------
+
+def test_embedding_points_and_labels(state, pictures, method="PCA"):
+    entry = state.model()
+    paths = pictures[:4]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    names = [Path(p).name for p in paths]
+    classes = app_state.EXAMPLE_CLASSES[:5]
+    emb = embeddings.embed(state, entry, images, paths, names, classes, TEMPLATES, method)
+    n = entry.model.prompts.n_prompts
+    assert len(emb.frame) == 2 * len(paths) + len(classes) * (n + 1)
+    assert list(emb.frame.columns) == ["x", "y", "class", "source", "item"]
+    assert np.isfinite(emb.frame[["x", "y"]].to_numpy()).all()
+    first = emb.frame[emb.frame["item"].str.startswith(names[0])]
+    assert set(first["class"]) == {label_from_filename(paths[0], classes)}
+    assert embeddings.figure(emb) is not None
+
+
+def test_tsne_projection_separates_clusters():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(2, 16)) * 10
+    points = np.concatenate([c + rng.normal(size=(8, 16)) for c in centres]).astype(np.float32)
+    xy = embeddings.reduce(points, "t-SNE")
+    a, b = xy[:8].mean(0), xy[8:].mean(0)
+    spread = max(np.linalg.norm(xy[:8] - a, axis=1).max(), np.linalg.norm(xy[8:] - b, axis=1).max())
+    assert xy.shape == (16, 2) and np.linalg.norm(a - b) > spread
+    with pytest.raises(InputError, match="Unknown projection"):
+        embeddings.reduce(points, "LDA")
+    with pytest.raises(InputError, match="at least 3"):
+        embeddings.reduce(points[:2], "PCA")
+
+
+def test_embedding_rejects_too_many_classes(state, pictures):
+    with pytest.raises(InputError, match="at most"):
+        embeddings.collect(state, state.model(), [Image.open(pictures[0])], pictures[:1], ["a"],
+                           [f"c{i}" for i in range(embeddings.MAX_EMBED_CLASSES + 1)], TEMPLATES)
+
+
+# --- train -----------------------------------------------------------------------------------------
+
+def _labelled_pngs(folder: Path, classes=("red circle", "blue square"), per_class: int = 2) -> list[str]:
+    from pmpo.data import shapeworld as sw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sw.class_names()
+    paths = []
+    for c in classes:
+        for i in range(per_class):
+            image = sw.sample_class_scene(names.index(c), np.random.default_rng([i, len(c)]), size=32).image
+            path = folder / f"{c.replace(' ', '_')}_{i}.png"
+            Image.fromarray(image).save(path)
+            paths.append(str(path))
+    return paths
+
+
+def test_labels_from_table_zip_and_folder(tmp_path):
+    paths = _labelled_pngs(tmp_path / "flat")
+    rows = train_tab.label_rows(paths)
+    assert rows[0] == ["red_circle_0.png", "red circle"]
+    rows[1][1] = "blue square"  # the user relabels one file
+    items, names = train_tab.items_from_table(paths, rows)
+    assert names == ["blue square", "red circle"] and [d.classname for d in items][:2] == ["red circle", "blue square"]
+
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in paths:
+            zf.write(p, f"data/{train_tab.guess_label(Path(p).name)}/{Path(p).name}")
+        zf.writestr("../evil/escape.png", b"x")
+        zf.writestr("__MACOSX/data/._x.png", b"x")
+    items, names = train_tab.items_from_zip(str(archive), tmp_path / "unzipped")
+    assert names == ["blue square", "red circle"] and len(items) == 4
+    assert not (tmp_path / "evil").exists()
+    assert all(Path(d.path).is_relative_to(tmp_path / "unzipped") for d in items)
+
+    for p in paths:
+        dest = tmp_path / "tree" / train_tab.guess_label(Path(p).name) / Path(p).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(Path(p).read_bytes())
+    items, names = train_tab.items_from_folder(str(tmp_path / "tree"))
+    assert len(items) == 4 and names == ["blue square", "red circle"]
+
+    with pytest.raises(InputError, match="two classes"):
+        train_tab.items_from_table(paths[:2], [])
+    with pytest.raises(InputError, match="not a readable zip"):
+        train_tab.items_from_zip(paths[0], tmp_path)
+
+
+def test_folder_paths_are_refused_on_spaces(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPACE_ID", "user/space")
+    with pytest.raises(InputError, match="disabled"):
+        train_tab.items_from_folder(str(tmp_path))
+
+
+def test_training_yields_progress_and_registers_checkpoint(state, tmp_path):
+    items, names = train_tab.items_from_table(_labelled_pngs(tmp_path), None)
+    updates = list(train_tab.run_training(state, state.default_spec, "coop", 2, items, names, threading.Event(),
+                                          name="my prompts", poll_s=0.05))
+    final = updates[-1]
+    assert final.done and not final.error, final.status
+    assert any(not u.done and u.history for u in updates)  # live per-step progress
+    assert len(final.history) == 2 * 1  # 4 images, batch 4: one step per epoch
+    assert Path(final.checkpoint).is_file() and final.choice in state.checkpoint_choices()
+    entry = state.model(None, final.choice)
+    assert entry.model.cfg.method == "coop"
+    probs = classify.score(state, entry, [Image.open(items[0].path)], ["x"], names, TEMPLATES).probs["learned"]
+    assert probs.shape == (1, 2)
+
+
+def test_training_cancel_and_bad_method(state, tmp_path):
+    items, names = train_tab.items_from_table(_labelled_pngs(tmp_path), None)
+    stop = threading.Event()
+    stop.set()
+    final = list(train_tab.run_training(state, state.default_spec, "pmpo", 3, items, names, stop, poll_s=0.05))[-1]
+    assert final.done and final.checkpoint is None and "cancelled" in final.status.lower()
+    with pytest.raises(InputError, match="Unknown method"):
+        next(train_tab.run_training(state, state.default_spec, "zeroshot", 1, items, names, stop))
+    with pytest.raises(InputError, match="Epochs"):
+        next(train_tab.run_training(state, state.default_spec, "coop", 0, items, names, stop))
+
+
+def test_train_jobs_are_bounded_and_cleaned_up():
+    jobs = train_tab.TrainJobs(capacity=2)
+    events = [jobs.start(f"s{i}") for i in range(5)]
+    assert len(jobs) == 2
+    assert jobs.cancel("s4") and events[4].is_set() and not jobs.cancel("s0")
+    jobs.finish("s4", events[4])
+    assert len(jobs) == 1
+
+
+# --- benchmarks ------------------------------------------------------------------------------------
+
+def test_benchmarks_show_reference_and_own_results(tmp_path):
+    from pmpo.protocols import RESULT_FORMAT
+    from pmpo.reference import base2new_reference
+
+    for seed, (base, new) in enumerate([(80.0, 70.0), (82.0, 72.0)], start=1):
+        run = tmp_path / f"run{seed}"
+        run.mkdir()
+        (run / "result.json").write_text(json.dumps({
+            "format": RESULT_FORMAT, "name": "pmpo", "method": "pmpo", "dataset": "shapeworld", "protocol": "base2new",
+            "seed": seed, "shots": 16, "accuracy": {"base": base, "new": new, "hm": None, "all": None},
+        }))
+    view = benchmarks.build_view(str(tmp_path))
+    refs = base2new_reference()
+    assert list(view.reference["method"]) == [r.label for r in refs]
+    assert list(view.reference["hm"]) == [r.hm for r in refs]
+    assert "2 result.json" in view.status
+    row = view.ours[view.ours["Method"] == "pmpo"].iloc[0]
+    assert row["Base"].startswith("81.00") and row["New"].startswith("71.00")
+    assert benchmarks.hm_by_method(view.ours)["pmpo"] == pytest.approx(2 * 81 * 71 / 152, abs=0.01)
+    assert view.figure is not None
+    empty = benchmarks.build_view(str(tmp_path / "nothing-here"))
+    assert empty.ours.empty and "No runs yet" in empty.status
+
+
+# --- the offline model, when this copy has it ------------------------------------------------------
+
+@pytest.mark.skipif(not app_state.offline_model_present(), reason="checkpoints/shapeworld-clip is not in this copy yet")
+def test_offline_model_classifies_examples(tmp_path):
+    st = open_state(app_state.OFFLINE_MODEL, None, device="cpu", cache_dir=tmp_path)
+    paths = example_images(tmp_path / "examples")
+    images = [Image.open(p).convert("RGB") for p in paths]
+    scores = classify.score(st, st.model(), images, [Path(p).name for p in paths], app_state.EXAMPLE_CLASSES, TEMPLATES)
+    top = scores.probs["zero-shot CLIP"].argmax(-1)
+    correct = sum(int(top[i]) == i for i in range(len(paths)))
+    assert correct >= len(paths) // 2, f"zero-shot got {correct}/{len(paths)} example images right"
+

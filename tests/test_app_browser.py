@@ -1,0 +1,72 @@
+"""A real browser against the served app: Debian's Chromium, headless, driven by Playwright."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.launcher import stop
+from test_app_client import launch_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (apt-get install -y chromium)")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("browser-app")
+    proc, url, _ = launch_app(tiny_model, cache)
+    yield url, cache
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.goto(served[0])
+        page.wait_for_selector("#classify-btn")
+        yield page
+        browser.close()
+
+
+def test_upload_classify_and_read_result(page, served, tmp_path):
+    from playwright.sync_api import expect
+
+    image = sorted((Path(served[1]) / "examples").glob("*.png"))[0]
+    page.locator("#images input[type=file]").set_input_files(str(image))
+    page.get_by_text(image.name).first.wait_for()
+    classes = page.locator("#classes textarea")
+    classes.fill("red circle\nblue square\nsomething else")
+    page.locator("#classify-btn").click()
+    status = page.locator("#classify-status")
+    status.get_by_text("1 image(s), 3 classes").wait_for()
+    table = page.locator("#topk-table")
+    expect(table).to_contain_text(image.name)
+    text = table.inner_text()
+    assert "zero-shot CLIP" in text and "learned" in text
+    assert any(c in text for c in ("red circle", "blue square", "something else"))
+    shot = tmp_path / "classify.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+def test_corrupt_upload_shows_message_in_page(page, served, tmp_path):
+    page.goto(served[0])  # a fresh session: nothing uploaded yet
+    page.wait_for_selector("#classify-btn")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    page.locator("#images input[type=file]").set_input_files(str(bad))
+    page.get_by_text("broken.jpg").first.wait_for()
+    page.locator("#classify-btn").click()
+    page.locator("#classify-status").get_by_text("Error").wait_for()
+    text = page.locator("#classify-status").inner_text()
+    assert "broken.jpg" in text and "No usable image" in text

@@ -1,0 +1,137 @@
+"""The served app through the official gradio_client: structure, bad input, concurrency.
+
+``python app.py`` runs in a subprocess on a free port with the tiny random-init CLIP, exactly
+as a user would start it (options parsed by app.py, models loaded through the real path).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from app.launcher import launch, stop
+
+
+def launch_app(model: str, cache_dir: Path):
+    """``python app.py --model MODEL`` on a free port, its cache (examples, uploads) in ``cache_dir``."""
+    env = {"PMPO_WARMUP": "0", "PMPO_CACHE_DIR": str(cache_dir)}
+    return launch(["--model", model, "--device", "cpu"], cache_dir / "app.log", env=env)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("served-app")
+    proc, url, seconds = launch_app(tiny_model, cache)
+    yield url, cache, seconds
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served[0], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def images(served):
+    return sorted(str(p) for p in (Path(served[1]) / "examples").glob("*.png"))
+
+
+def classify(client, paths, classes, **kw):
+    from gradio_client import handle_file
+
+    return client.predict(files=[handle_file(p) for p in paths], classes_text=classes, api_name="/classify", **kw)
+
+
+def test_page_is_served_quickly(served):
+    assert served[2] < 60, f"start-up took {served[2]:.1f} s"
+
+
+def test_api_lists_the_tabs(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in ("/classify", "/attention", "/embeddings", "/train", "/cancel_training", "/benchmarks", "/upload_checkpoint"):
+        assert name in endpoints
+
+
+def test_classify_returns_tables_plot_and_json(client, images):
+    status, table, plot, per_prompt, result = classify(client, images[:2], "red circle\nblue square\ndog", top_k=2)
+    assert "2 image(s), 3 classes" in status and "untrained PMPO" in status
+    assert table["headers"][:3] == ["image", "rank", "zero-shot CLIP"] and len(table["data"]) == 2 * 2
+    assert plot is not None
+    assert len(per_prompt["data"]) == 2 * 4  # 4 prompts per image
+    assert result["classes"] == ["red circle", "blue square", "dog"]
+    assert [im["image"] for im in result["images"]] == [Path(p).name for p in images[:2]]
+    for view in ("zero-shot CLIP", "prior (prompted image)", "learned"):
+        probs = [p for _, p in result["images"][0][view]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_corrupt_upload_gives_message_and_app_keeps_serving(client, images, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    status, table, _, _, result = classify(client, [str(bad)], "cat, dog")
+    assert status.startswith("**Error:**") and "broken.png" in status and "error" in result
+    status, *_ = classify(client, images[:1], "")
+    assert "class list is empty" in status
+    status, *_ = classify(client, images[:1], "x" * 300)
+    assert "too long" in status
+    status, *_, result = classify(client, images[:1], "cat, dog")
+    assert not status.startswith("**Error") and result["classes"] == ["cat", "dog"]
+
+
+def test_ten_concurrent_clients_get_their_own_answers(served, images):
+    from gradio_client import Client
+
+    def one(i: int):
+        classes = [f"class {i} {j}" for j in range(2 + i % 4)]
+        own = Client(served[0], verbose=False)
+        return classes, classify(own, [images[i % len(images)]], ", ".join(classes), top_k=10)
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        answers = list(pool.map(one, range(10)))
+    for i, (classes, (status, table, _, _, result)) in enumerate(answers):
+        assert not status.startswith("**Error"), status
+        assert result["classes"] == classes
+        image = result["images"][0]
+        assert image["image"] == Path(images[i % len(images)]).name
+        assert {c for c, _ in image["learned"]} == set(classes)
+
+
+def test_bad_checkpoint_upload_is_reported(client, tmp_path):
+    from gradio_client import handle_file
+
+    fake = tmp_path / "weights.pt"
+    fake.write_bytes(b"\x80\x04not-a-pickle-we-would-ever-open")
+    status, _ = client.predict(file=handle_file(str(fake)), api_name="/upload_checkpoint")
+    assert status.startswith("**Error:**") and "safetensors" in status
+
+
+def test_attention_and_embeddings_endpoints(client, images):
+    from gradio_client import handle_file
+
+    status, maps, mass = client.predict(files=[handle_file(images[0])], classes_text="red circle, blue square",
+                                        api_name="/attention")
+    assert "class **" in status and maps is not None and mass is not None
+    status, frame, figure = client.predict(files=[handle_file(p) for p in images[:3]], method="PCA",
+                                           classes_text="red circle, blue square", api_name="/embeddings")
+    assert "points" in status and figure is not None
+    assert len(frame["data"]) == 2 * 3 + 2 * 5
+
+
+def test_train_streams_progress_and_offers_checkpoint(client, images):
+    from gradio_client import handle_file
+
+    job = client.submit(train_files=[handle_file(p) for p in images[:4]], zip_file=None, method="coop", epochs=1,
+                        api_name="/train")
+    outputs = job.outputs() if job.result() is not None else []
+    final_status, _, checkpoint, dropdown = outputs[-1]
+    assert len(outputs) >= 2  # a first message, then progress
+    assert "Finished 1 epoch" in final_status, final_status
+    assert checkpoint and Path(checkpoint).suffix == ".safetensors"
+    choice = dropdown["value"] if isinstance(dropdown, dict) else dropdown  # a gr.update selecting the new prompts
+    assert choice.startswith("trained: ") and choice in (dropdown.get("choices") and [c[0] for c in dropdown["choices"]])
+    status, *_, result = classify(client, images[:1], "red circle, blue square", checkpoint=choice)
+    assert result["learned"] == f"learned ({choice})", status

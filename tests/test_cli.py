@@ -1,0 +1,118 @@
+"""The command line end to end on tiny data: train → eval → table, errors, sweep, torchrun DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from pmpo.cli import main
+from test_engine import make_colour_tree
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_colour_tree(tmp_path_factory.mktemp("colours"))
+
+
+def model_args(tiny_model):
+    return ["--model", tiny_model, "--pretrained", "none", "--device", "cpu"]
+
+
+FAST = ["--epochs", "2", "--batch-size", "4", "--lr", "0.01", "--warmup-epochs", "0", "--num-workers", "0"]
+
+
+def test_train_eval_table(tiny_model, tree, tmp_path, capsys):
+    run = tmp_path / "runs"
+    assert main(["train", "--dataset", "imagefolder", "--root", str(tree), "--protocol", "base2new", "--shots", "2",
+                 "--method", "pmpo", "--out", str(run), *FAST, *model_args(tiny_model)]) == 0
+    folder = run / "base2new" / "imagefolder" / "pmpo" / "shots_2" / "seed_1"
+    result = json.loads((folder / "result.json").read_text())
+    assert result["train"]["epochs"] == 2 and len(result["history"]) == 2
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(folder / "last.safetensors"), "--dataset", "imagefolder", "--root",
+                 str(tree), "--subsample", "new", "--json", "--device", "cpu"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == pytest.approx(result["accuracy"]["new"])  # the same model, the same numbers
+    assert main(["table", str(run), "--reference"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| imagefolder-colours\d* \| pmpo \| 1 \|", out) and "PMPO (paper)" in out
+    assert main(["table", str(run), "--format", "latex"]) == 0 and r"\toprule" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_with_exit_code_1(tiny_model, tmp_path, capsys):
+    code = main(["train", "--dataset", "dtd", "--root", str(tmp_path / "missing"), *model_args(tiny_model)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("pmpo train: error: dtd: data root not found")
+    assert main(["table", str(tmp_path)]) == 1
+    assert "no result.json files found" in capsys.readouterr().err
+    (tmp_path / "s.yaml").write_text("protocol: base2new\ndatasets: [dtd]\n")
+    assert main(["sweep", str(tmp_path / "s.yaml")]) == 1
+    assert "'root' is required" in capsys.readouterr().err
+
+
+def test_help_has_examples(capsys):
+    for cmd in ("train", "eval", "table", "sweep"):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--help"])
+        assert exc.value.code == 0 and "example" in capsys.readouterr().out
+
+
+def test_sweep_skips_finished_and_resumes_broken_runs(tiny_model, tree, tmp_path, capsys):
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(f"""
+protocol: base2new
+root: {tree}
+out: {tmp_path / 'runs'}
+shots: 2
+seeds: [1]
+datasets: [imagefolder]
+methods: [zeroshot, {{name: coop-fast, method: coop}}]
+model: {tiny_model}
+pretrained: none
+train: {{epochs: 1, batch_size: 4, lr: 0.01, warmup_epochs: 0, num_workers: 0}}
+""")
+    assert main(["sweep", str(sweep), "--device", "cpu"]) == 0
+    assert "2 run(s) done, 0 already finished" in capsys.readouterr().err
+    results = sorted((tmp_path / "runs").rglob("result.json"))
+    assert len(results) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+    coop = [p for p in results if "coop-fast" in str(p)][0]
+    coop.unlink()  # a run that died after training, before writing its result
+    assert main(["sweep", str(sweep), "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "1 run(s) done, 1 already finished" in out.err and "coop-fast" in out.out
+    zs = [p for p in results if "zeroshot" in str(p)][0]
+    assert zs.stat().st_mtime_ns == stamps[zs]  # finished run untouched
+    assert json.loads(coop.read_text())["history"]  # resumed from its training state, history kept
+    assert main(["sweep", str(sweep), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("done") == 2
+
+
+def test_torchrun_two_processes_match_one(tiny_model, tree, tmp_path):
+    """DDP over 2 CPU processes (gloo) trains the same prompts and scores the same accuracy."""
+    common = ["train", "--dataset", "imagefolder", "--root", str(tree), "--protocol", "base2new", "--shots", "4",
+              "--method", "pmpo", *FAST, "--batch-size", "8", *model_args(tiny_model)]
+    assert main([*common, "--run-dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pmpo",
+         *common, "--run-dir", str(tmp_path / "two")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["accuracy"] == pytest.approx(one["accuracy"], abs=1e-6)
+    assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], abs=1e-4)
+    a, b = load_file(str(tmp_path / "one" / "last.safetensors")), load_file(str(tmp_path / "two" / "last.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
