@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Generic, Hashable, TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from pmpo.backbone import LOCAL_DIR, OFFLINE_MODEL, SHIPPED_MODELS, Backbone, load_backbone
 from pmpo.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
@@ -167,7 +166,6 @@ class AppState:
         self._backbones: LRU[BackboneSpec, Backbone] = LRU(max_backbones, on_evict=self._backbone_evicted)
         self._models: LRU[tuple, LoadedModel] = LRU(max_models)
         self._extra_checkpoints: LRU[str, str] = LRU(32, on_evict=lambda name, path: None)
-        self.prompt_cache: LRU[tuple, torch.Tensor] = LRU(16)
         self._load_lock = threading.RLock()
 
     # --- backbones -----------------------------------------------------------------------------
@@ -275,25 +273,11 @@ class AppState:
 
     # --- text features ----------------------------------------------------------------------------
     def class_weights(self, entry: LoadedModel, names: list[str], templates: list[str]) -> ClassWeights:
-        """Class weights with *these* templates, without touching ``model.templates``.
-
-        The prior is cached by the model (keyed by names and templates); the per-prompt text
-        features by this bounded cache (keyed by model, prompt version and names). Call with
-        ``entry.lock`` held.
-        """
-        model = entry.model
+        """Class weights with *these* templates, without touching ``model.templates``; the model
+        caches them (bounded, keyed by names, templates and prompt version). Call with
+        ``entry.lock`` held: the model's caches are not thread-safe."""
         with torch.no_grad():
-            prior = model.prior_features(names, templates)
-            if model.prompts is None:
-                return ClassWeights(prior, None, prior)
-            key = (entry.uid, model._prompt_version(), tuple(names))
-            prompts = self.prompt_cache.get(key)
-            if prompts is None:
-                prompts = model.prompt_features(names)
-                self.prompt_cache.put(key, prompts)
-            alpha = model.cfg.alpha
-            weights = F.normalize((1 - alpha) * prompts.mean(0) + alpha * prior, dim=-1)
-        return ClassWeights(weights, prompts, prior)
+            return entry.model.class_weights(names, templates)
 
 
 def _backbone_key(model: str) -> str:

@@ -161,14 +161,17 @@ class PMPOModel(nn.Module):
         )
         return F.normalize(feats.float(), dim=-1).view(n, c, -1)
 
-    def class_weights(self, classnames: Sequence[str]) -> ClassWeights:
-        """Combined class weights; cached per class list unless gradients are flowing."""
+    def class_weights(self, classnames: Sequence[str], templates: Sequence[str] | None = None) -> ClassWeights:
+        """Combined class weights; cached per (class list, templates, prompt version) unless
+        gradients are flowing. ``templates`` overrides ``self.templates`` for this call only, so
+        concurrent callers (the app) never need to mutate shared state."""
         names = clean_classnames(classnames)
-        prior = self.prior_features(names)
+        templates = tuple(templates or self.templates)
+        prior = self.prior_features(names, templates)
         if self.prompts is None or self.cfg.alpha == 1.0:
             return ClassWeights(prior, None, prior)
         cacheable = not torch.is_grad_enabled()
-        key = (tuple(names), tuple(self.templates), self._prompt_version())
+        key = (tuple(names), templates, self._prompt_version())
         if cacheable and key in self._weight_cache:
             self._weight_cache.move_to_end(key)
             return self._weight_cache[key]

@@ -104,15 +104,16 @@ class Row:
 
 
 def metric_names(protocol: str, results: Sequence[dict] = ()) -> list[str]:
-    if protocol == "base2new":
-        return ["base", "new", "hm"]
-    if protocol == "fewshot":
-        return ["all"]
     targets: list[str] = []
     for r in results:
         for t in r.get("targets") or {}:
             if t not in targets:
                 targets.append(t)
+    if protocol == "base2new":
+        # Targets of a base-to-new run (e.g. ShapeWorld's sketch style) are extra columns.
+        return ["base", "new", "hm", *targets]
+    if protocol == "fewshot":
+        return ["all"]
     return ["all", *targets, "avg"] if targets else ["all"]
 
 

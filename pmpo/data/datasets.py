@@ -654,6 +654,14 @@ def _build_shapeworld(root: Path) -> DatasetSplits:
     return builder(root)
 
 
+def _build_shapeworld_sketch(root: Path) -> DatasetSplits:
+    """ShapeWorld's held-out "sketch" style: the same 64 classes and labels, test split only
+    (a domain-generalisation target, like ImageNet-Sketch: never trained on, never pretrained on)."""
+    from .shapeworld import build_shapeworld_splits
+
+    return build_shapeworld_splits(root, style="sketch", n_train_per_class=0, n_val_per_class=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Factory
 # --------------------------------------------------------------------------------------------
@@ -686,6 +694,7 @@ DATASETS: dict[str, Callable[[Path], DatasetSplits]] = {
     "imagefolder": _build_imagefolder,
     "csv": _build_csv,
     "shapeworld": _build_shapeworld,
+    "shapeworld_sketch": _build_shapeworld_sketch,
 }
 
 # The 11 datasets of the base-to-new and cross-dataset benchmarks, and the 4 ImageNet shifts.
@@ -742,6 +751,6 @@ def build_dataset(name: str, root: str | Path) -> DatasetSplits:
     """
     key = resolve_dataset_name(name)
     root_path = Path(os.path.abspath(os.path.expanduser(str(root))))
-    if key not in ("csv", "shapeworld") and not root_path.exists():
+    if key not in ("csv", "shapeworld", "shapeworld_sketch") and not root_path.exists():
         raise DatasetError(f"{key}: data root not found: {root_path}.")
     return DATASETS[key](root_path)

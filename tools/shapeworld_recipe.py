@@ -1,0 +1,128 @@
+"""Choose the ShapeWorld benchmark's training recipe on the validation split, never on test.
+
+The benchmark (``configs/sweeps/shapeworld.yaml``) trains every method with one recipe. This
+script trains each learnable method of that sweep file with each candidate (epochs × lr ×
+batch size) on the base classes of one seed's 16-shot draw — the very draw and initialisation
+the benchmark run of that seed uses — and scores the few-shot **val** images of the base and
+the new classes (4 per class). The candidate with the best mean val HM over the methods wins;
+copy it into the sweep file's ``train:`` block.
+
+    python tools/shapeworld_recipe.py                        # defaults: the grid of the shipped choice
+    python tools/shapeworld_recipe.py --epochs 5 10 --lr 0.0035 0.028 --batch-size 32 --json recipe.json
+
+Selecting on the mean over methods (not on PMPO alone) keeps the choice from favouring the
+method this project is about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pmpo.commands.sweep import MethodSpec, Sweep, load_sweep  # noqa: E402
+from pmpo.config import PMPOConfig  # noqa: E402
+from pmpo.data import build_dataset, harmonic_mean, sample_few_shot, subsample_classes  # noqa: E402
+from pmpo.engine import derive_seed, evaluate, load_train_preset, seed_everything, train  # noqa: E402
+from pmpo.errors import PMPOError  # noqa: E402
+from pmpo.model import build_model  # noqa: E402
+
+
+def model_config(sweep: Sweep, spec: MethodSpec) -> PMPOConfig:
+    """The PMPOConfig the sweep builds for ``spec`` (same merge order as ``pmpo sweep``)."""
+    return PMPOConfig.from_dict({"method": spec.method, **spec.config,
+                                 **({"model": sweep.model} if sweep.model else {}),
+                                 **({"pretrained": sweep.pretrained} if sweep.pretrained else {})})
+
+
+def score_recipes(sweep: Sweep, candidates: Sequence[dict], seed: int, methods: Sequence[str] | None = None,
+                  device: str = "cpu", log=print) -> list[dict]:
+    """Val base/new/HM of every (candidate, learnable method); one row per pair."""
+    from pmpo.backbone import load_backbone
+
+    if sweep.protocol != "base2new" or len(sweep.datasets) != 1:
+        raise PMPOError("recipe selection expects a base-to-new sweep over one dataset")
+    dataset = sweep.datasets[0]
+    splits = build_dataset(dataset, sweep.root)
+    fewshot = sample_few_shot(splits, sweep.shots, seed, cache_dir=None)
+    base, new = subsample_classes(fewshot, "base"), subsample_classes(fewshot, "new")
+    specs = [m for m in sweep.methods if methods is None or m.name in methods]
+    backbone, rows = None, []
+    for candidate, spec in itertools.product(candidates, specs):
+        cfg = model_config(sweep, spec)
+        if cfg.n_prompts == 0:
+            continue  # nothing to train: the recipe cannot matter
+        if backbone is None:
+            backbone = load_backbone(cfg.model, cfg.pretrained, device=device, quick_gelu=cfg.quick_gelu)
+        train_cfg = load_train_preset(spec.method, sweep.protocol, dataset,
+                                      **{**sweep.train, **spec.train, **candidate})
+        train_cfg = dataclasses.replace(train_cfg, seed=seed)
+        seed_everything(derive_seed(seed, -2))  # as run_protocol: the same prompt initialisation
+        model = build_model(cfg, device=device, backbone=backbone)
+        start = time.perf_counter()
+        train(model, base.train, base.classnames, train_cfg)
+        acc = {part: evaluate(model, split.val, split.classnames, batch_size=train_cfg.eval_batch_size).accuracy
+               for part, split in (("base", base), ("new", new))}
+        row = {**candidate, "method": spec.name, "val_base": acc["base"], "val_new": acc["new"],
+               "val_hm": harmonic_mean(acc["base"], acc["new"]), "seconds": time.perf_counter() - start}
+        rows.append(row)
+        log(f"{json.dumps(candidate)} {spec.name}: val base {acc['base']:.2f} new {acc['new']:.2f} "
+            f"HM {row['val_hm']:.2f} ({row['seconds']:.0f} s)")
+    return rows
+
+
+def choose(rows: Sequence[dict], keys: Sequence[str]) -> tuple[dict, list[dict]]:
+    """The candidate with the best mean val HM over methods, and the per-candidate summary."""
+    summary: dict[tuple, list[float]] = {}
+    for r in rows:
+        summary.setdefault(tuple(r[k] for k in keys), []).append(r["val_hm"])
+    table = [{**dict(zip(keys, k)), "mean_val_hm": sum(v) / len(v), "methods": len(v)} for k, v in summary.items()]
+    best = max(table, key=lambda t: t["mean_val_hm"])
+    return {k: best[k] for k in keys}, table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", default=str(REPO / "configs" / "sweeps" / "shapeworld.yaml"))
+    p.add_argument("--root", help="override the sweep's data root")
+    p.add_argument("--seed", type=int, default=1, help="few-shot draw and training seed (default: 1)")
+    p.add_argument("--epochs", type=int, nargs="+", default=[5, 10])
+    p.add_argument("--lr", type=float, nargs="+", default=[0.0035, 0.028])
+    p.add_argument("--batch-size", type=int, nargs="+", default=[32])
+    p.add_argument("--methods", nargs="+", help="sweep method names to score (default: every learnable one)")
+    p.add_argument("--json", help="also write the rows and the choice to this file")
+    args = p.parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep)
+        if args.root:
+            sweep.root = args.root
+        candidates = [{"epochs": e, "lr": lr, "batch_size": b}
+                      for e, lr, b in itertools.product(args.epochs, args.lr, args.batch_size)]
+        rows = score_recipes(sweep, candidates, args.seed, args.methods,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+        keys = ["epochs", "lr", "batch_size"]
+        best, table = choose(rows, keys)
+    except PMPOError as exc:
+        print(f"shapeworld_recipe: error: {exc}", file=sys.stderr)
+        return 1
+    print("| epochs | lr | batch | mean val HM | methods |\n|---:|---:|---:|---:|---:|")
+    for t in table:
+        print(f"| {t['epochs']} | {t['lr']} | {t['batch_size']} | {t['mean_val_hm']:.2f} | {t['methods']} |")
+    print(f"\nchosen (best mean val HM): {json.dumps(best)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"seed": args.seed, "rows": rows, "summary": table, "chosen": best},
+                                              indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
