@@ -239,6 +239,12 @@ def write_card(out: Path, record: dict, res: dict):
         f"- {tr['steps']} steps x batch {tr['batch_size']} = {tr['steps'] * tr['batch_size']:,} images, "
         f"{tr['train_seconds'] / 60:.1f} min on {tr['machine']} (torch {tr['torch']}, {tr['threads']} threads). "
         f"Final training loss {tr['final_loss']:.3f}.",
+    ] + ([
+        f"- This is a second stage, started from the weights of a first stage: {prev['steps']} steps x batch "
+        f"{prev['batch_size']}, lr {prev['lr']}, {int(round(100 * prev.get('p_grouped', 0)))}% hard-negative "
+        f"groups, seed {prev['seed']}, {prev['train_seconds'] / 60:.1f} min. In total "
+        f"{(prev['steps'] + tr['steps']):,} steps, {(prev['train_seconds'] + tr['train_seconds']) / 60:.1f} min.",
+    ] if (prev := tr.get("continued_from")) else []) + [
         "- Text encoding during training truncates token sequences after the last EOT, which is exact",
         "  for a causal, EOT-pooled text transformer; evaluation uses plain `encode_text`.",
         "",
@@ -269,13 +275,19 @@ def write_card(out: Path, record: dict, res: dict):
             "run of the same script (more `--steps`, or `--p-grouped 0.5` hard-negative groups) is the fix.",
             "",
         ]
+    stages = [tr.get("continued_from"), tr] if tr.get("continued_from") else [tr]
+    commands = [
+        f"python tools/pretrain_shapeworld.py --out {'/tmp/stage1' if len(stages) > 1 and i == 0 else 'checkpoints/shapeworld-clip'} "
+        f"--steps {t['steps']} --batch-size {t['batch_size']} --lr {t['lr']} --warmup {t['warmup']} "
+        f"--p-two {t['p_two']} --p-grouped {t.get('p_grouped', 0.0)} --seed {t['seed']}"
+        + (" --init /tmp/stage1" if i == 1 else "")
+        for i, t in enumerate(stages)
+    ]
     lines += [
         "## Regenerate",
         "",
         "```",
-        f"python tools/pretrain_shapeworld.py --out checkpoints/shapeworld-clip --steps {tr['steps']} "
-        f"--batch-size {tr['batch_size']} --lr {tr['lr']} --warmup {tr['warmup']} --p-two {tr['p_two']} "
-        f"--p-grouped {tr.get('p_grouped', 0.0)} --seed {tr['seed']}",
+        *commands,
         "```",
         "",
         f"Schedule of the shipped run: {tr.get('schedule', 'cosine over steps')}. Without `--steps` the script",
@@ -304,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trial", action="store_true", help="time 30 s of steps and exit")
     ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--init", help="continue training from a saved folder (a second stage); its training "
+                                   "record is kept in eval.json as 'continued_from'")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -318,7 +332,12 @@ def main(argv=None):
         return
 
     torch.manual_seed(args.seed)
-    model = build_model()
+    previous = None
+    if args.init:
+        previous = json.loads((Path(args.init) / "eval.json").read_text())["training"]
+        model = open_clip.create_model(f"local-dir:{Path(args.init).resolve()}")
+    else:
+        model = build_model()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M", flush=True)
     loss_fn = open_clip.loss.ClipLoss()
@@ -382,6 +401,8 @@ def main(argv=None):
                      "open_clip": open_clip.__version__,
                      "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})"},
     }
+    if previous is not None:
+        record["training"]["continued_from"] = previous
     t1 = time.time()
     res = evaluate_folder(out)
     record.update(res)

@@ -40,6 +40,33 @@ def config_from_args(args: argparse.Namespace) -> PMPOConfig:
     return PMPOConfig(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def offline_fallback(cfg: PMPOConfig, args: argparse.Namespace, device: torch.device, exc: BackboneLoadError):
+    """The shipped offline backbone after ``cfg``'s *default* backbone failed to load with ``exc``.
+
+    Only the default falls back (a machine without network can still run every command); a
+    backbone the user named (--model, --pretrained, --config) must load or fail, so ``exc`` is
+    raised again then. On fallback ``cfg`` is updated to name the backbone actually used.
+    """
+    from ..backbone import load_backbone
+
+    if args.model or args.pretrained or args.config or not Path(OFFLINE_MODEL[len(LOCAL_DIR):]).is_dir():
+        raise exc
+    print(f"note: {exc}\nnote: falling back to the shipped offline model {OFFLINE_MODEL} "
+          "(a small synthetic-domain CLIP, not real CLIP weights)", file=sys.stderr)
+    cfg.model, cfg.pretrained = OFFLINE_MODEL, "none"
+    return load_backbone(cfg.model, cfg.pretrained, device=device, quick_gelu=cfg.quick_gelu)
+
+
+def load_backbone_from_args(cfg: PMPOConfig, args: argparse.Namespace, device: torch.device):
+    """``cfg``'s backbone, or the shipped offline one when the default cannot load (see offline_fallback)."""
+    from ..backbone import load_backbone
+
+    try:
+        return load_backbone(cfg.model, cfg.pretrained, device=device, quick_gelu=cfg.quick_gelu)
+    except BackboneLoadError as exc:
+        return offline_fallback(cfg, args, device, exc)
+
+
 def load_model_from_args(args: argparse.Namespace):
     """The model the options describe: a checkpoint (backbone from its metadata) or a preset."""
     from ..checkpoint import load_checkpoint
@@ -51,16 +78,7 @@ def load_model_from_args(args: argparse.Namespace):
         model = load_checkpoint(args.checkpoint, device=device, model=model_name, pretrained=args.pretrained)
     else:
         cfg = config_from_args(args)
-        try:
-            model = build_model(cfg, device=device)
-        except BackboneLoadError as exc:
-            # Only the *default* backbone falls back: a backbone the user named must load or fail.
-            if args.model or args.pretrained or args.config or not Path(OFFLINE_MODEL[len(LOCAL_DIR):]).is_dir():
-                raise
-            print(f"note: {exc}\nnote: falling back to the shipped offline model {OFFLINE_MODEL} "
-                  "(a small synthetic-domain CLIP, not real CLIP weights)", file=sys.stderr)
-            cfg.model, cfg.pretrained = OFFLINE_MODEL, "none"
-            model = build_model(cfg, device=device)
+        model = build_model(cfg, device=device, backbone=load_backbone_from_args(cfg, args, device))
     print(f"loaded {model.cfg.method} on {model.backbone.description} [{device}]", file=sys.stderr)
     return model
 

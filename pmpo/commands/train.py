@@ -8,9 +8,9 @@ import sys
 from .. import distributed as pdist
 from ..data import list_datasets
 from ..engine import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig, load_train_config, train_preset_path
-from ..errors import InputError
+from ..errors import BackboneLoadError, InputError
 from ..protocols import PROTOCOLS, run_dir, run_protocol
-from .common import add_model_args, config_from_args
+from .common import add_model_args, config_from_args, offline_fallback
 
 EPILOG = """\
 examples:
@@ -95,12 +95,19 @@ def run(args: argparse.Namespace) -> int:
     folder = args.run_dir or run_dir(args.out, args.protocol, dataset, name, args.shots, args.seed)
     log = (lambda msg: print(msg, file=sys.stderr)) if info.is_main else None
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    try:
-        result = run_protocol(
+
+    def run_with(backbone=None):
+        return run_protocol(
             args.protocol, dataset, args.root, model_cfg, train_cfg, folder, shots=args.shots, seed=args.seed,
             name=name, targets=targets, target_root=args.target_root, dataset_templates=args.dataset_templates,
-            device=device, resume=args.resume, log=log,
+            device=device, backbone=backbone, resume=args.resume, log=log,
         )
+
+    try:
+        try:
+            result = run_with()
+        except BackboneLoadError as exc:  # no network: the default backbone falls back to the offline model
+            result = run_with(offline_fallback(model_cfg, args, device, exc))
     finally:
         pdist.shutdown()
     if info.is_main and result is not None:
