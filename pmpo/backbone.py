@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -133,7 +133,8 @@ def load_backbone(
         kwargs["pretrained"] = pretrained
 
     try:
-        with warnings.catch_warnings(), _hub_offline_unless_reachable():
+        hub = bool(kwargs.get("pretrained")) and not _looks_like_path(kwargs["pretrained"])
+        with warnings.catch_warnings(), (_hub_offline_unless_reachable() if hub else nullcontext()):
             warnings.filterwarnings("ignore", message="QuickGELU mismatch")
             clip, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
         tokenizer = open_clip.get_tokenizer(model)
