@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .backbone import LOCAL_DIR, SHIPPED_MODELS, Backbone, load_backbone
 from .config import PMPOConfig
 from .errors import CheckpointError, PMPOError
+from .io import atomic_save_safetensors
 from .model import PMPOModel
 
 FORMAT = "pmpo-prompts/1"
@@ -48,16 +47,7 @@ def save_checkpoint(model: PMPOModel, path: str | os.PathLike, **metadata: str) 
         config=json.dumps(cfg, sort_keys=True),
         backbone=json.dumps({"model": model.backbone.model_name, "pretrained": model.backbone.pretrained, **backbone_shape(model)}),
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_save_safetensors(tensors, path, meta)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

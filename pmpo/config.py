@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import InputError
+from .io import read_yaml_mapping
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 METHOD_DIR = CONFIG_DIR / "methods"
@@ -112,8 +111,7 @@ class PMPOConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "PMPOConfig":
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        data = read_yaml_mapping(path, "model config")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
 
@@ -126,10 +124,9 @@ def load_preset(method: str) -> dict[str, Any]:
     path = METHOD_DIR / f"{method}.yaml"
     if not path.is_file():
         raise InputError(f"unknown method {method!r}; presets: {', '.join(list_methods())} (in {METHOD_DIR})")
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    data = read_yaml_mapping(path, "method preset")
     data.pop("method", None)
     return data
 
 
-__all__ = ["PMPOConfig", "list_methods", "load_preset", "field"]
+__all__ = ["PMPOConfig", "list_methods", "load_preset"]

@@ -31,7 +31,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -41,9 +40,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -52,6 +49,7 @@ from .config import CONFIG_DIR
 from .data.datasets import Datum
 from .data.loader import ImageDataset, load_image
 from .errors import CheckpointError, InputError, PMPOError
+from .io import atomic_save_safetensors, read_yaml_mapping
 from .model import PMPOModel, clean_classnames
 
 TRAIN_CONFIG_DIR = CONFIG_DIR / "train"
@@ -138,16 +136,7 @@ class TrainConfig:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except OSError as exc:
-        raise InputError(f"cannot read training config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"training config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"training config {path} must be a mapping of option: value")
-    return data
+    return read_yaml_mapping(path, "training config")
 
 
 def train_preset_path(method: str, protocol: str) -> Path:
@@ -295,18 +284,6 @@ class EvalResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def data_fingerprint(items: Sequence[Datum], classnames: Sequence[str]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(list(classnames)).encode())
@@ -336,7 +313,7 @@ def save_train_state(path: Path, model: PMPOModel, optimizer: torch.optim.Optimi
         "history": json.dumps(history),
         "optim_scalars": json.dumps(scalars),
     }
-    _atomic_save(tensors, path, meta)
+    atomic_save_safetensors(tensors, path, meta)
 
 
 def read_train_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
