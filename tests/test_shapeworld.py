@@ -247,9 +247,8 @@ def test_shipped_zero_shot_matches_recorded_numbers(shipped, eval_name):
 
 
 def test_shipped_downstream_leaves_room_for_prompt_learning(shipped):
-    # Issue target: 35 <= HM <= 75.  The shipped CPU-budget model reaches HM ~26 (its own
-    # pretrain-style HM is ~29), so the floor checked here is "clearly above chance"
-    # (32-way chance is ~3 %) and the ceiling leaves room for prompt learning.
+    # Zero-shot HM between 35 and 75: high enough that the model is useful, low enough that
+    # prompt learning has room to help (the downstream rendering shift is tuned for this).
     rec = shipped[3]["downstream"]
-    assert 15.0 <= rec["hm"] <= 75.0, rec
+    assert 35.0 <= rec["hm"] <= 75.0, rec
     assert shipped[3]["pretrain"]["all"] > rec["all"]  # the downstream style is a real shift

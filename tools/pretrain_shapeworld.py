@@ -194,6 +194,11 @@ def write_card(out: Path, record: dict, res: dict):
     size_mb = (out / "open_clip_model.safetensors").stat().st_size / 2 ** 20
     d, s, p = res["downstream"], res["sketch"], res["pretrain"]
     tr = record["training"]
+    stages = []  # oldest first: each stage's record nests the one it continued from
+    t = tr
+    while t is not None:
+        stages.insert(0, t)
+        t = t.get("continued_from")
     lines = [
         "# ShapeWorld-CLIP (tiny, synthetic)",
         "",
@@ -228,7 +233,7 @@ def write_card(out: Path, record: dict, res: dict):
         "shape combination appears; captions in 15 single-object and 6 two-object phrasings (including "
         "`a photo of a {colour} {shape}.`), always consistent with the rendered attributes. "
         + (f"{int(round(100 * tr.get('p_grouped', 0)))}% of each batch is hard-negative groups of {GROUP} "
-           "single-object scenes that share every attribute but the shape (or the colour); the rest "
+           "single-object scenes that share every attribute but the shape (or the colour); the rest are independent scenes, "
            if tr.get("p_grouped", 0) else "Independent scenes, ")
         + f"{int(round(100 * tr['p_two']))}% of them with two objects. Batch b is drawn from "
         f"`np.random.default_rng([{tr['seed']}, b])` (`make_batch` in `tools/pretrain_shapeworld.py`).",
@@ -240,11 +245,16 @@ def write_card(out: Path, record: dict, res: dict):
         f"{tr['train_seconds'] / 60:.1f} min on {tr['machine']} (torch {tr['torch']}, {tr['threads']} threads). "
         f"Final training loss {tr['final_loss']:.3f}.",
     ] + ([
-        f"- This is a second stage, started from the weights of a first stage: {prev['steps']} steps x batch "
-        f"{prev['batch_size']}, lr {prev['lr']}, {int(round(100 * prev.get('p_grouped', 0)))}% hard-negative "
-        f"groups, seed {prev['seed']}, {prev['train_seconds'] / 60:.1f} min. In total "
-        f"{(prev['steps'] + tr['steps']):,} steps, {(prev['train_seconds'] + tr['train_seconds']) / 60:.1f} min.",
-    ] if (prev := tr.get("continued_from")) else []) + [
+        "- Earlier stages (each started from the previous stage's weights; this run continued from the last): "
+        + "; ".join(
+            f"stage {i + 1}: {t['steps']} steps x batch {t['batch_size']}, lr {t['lr']}, "
+            f"{int(round(100 * t.get('p_grouped', 0)))}% hard-negative groups, seed {t['seed']}, "
+            f"{t['train_seconds'] / 60:.1f} min"
+            for i, t in enumerate(stages[:-1])
+        )
+        + f". In total {sum(t['steps'] for t in stages):,} steps, "
+        f"{sum(t['train_seconds'] for t in stages) / 60:.1f} min.",
+    ] if len(stages) > 1 else []) + [
         "- Text encoding during training truncates token sequences after the last EOT, which is exact",
         "  for a causal, EOT-pooled text transformer; evaluation uses plain `encode_text`.",
         "",
@@ -275,12 +285,12 @@ def write_card(out: Path, record: dict, res: dict):
             "run of the same script (more `--steps`, or `--p-grouped 0.5` hard-negative groups) is the fix.",
             "",
         ]
-    stages = [tr.get("continued_from"), tr] if tr.get("continued_from") else [tr]
     commands = [
-        f"python tools/pretrain_shapeworld.py --out {'/tmp/stage1' if len(stages) > 1 and i == 0 else 'checkpoints/shapeworld-clip'} "
+        f"python tools/pretrain_shapeworld.py --out "
+        f"{f'/tmp/stage{i + 1}' if i < len(stages) - 1 else 'checkpoints/shapeworld-clip'} "
         f"--steps {t['steps']} --batch-size {t['batch_size']} --lr {t['lr']} --warmup {t['warmup']} "
         f"--p-two {t['p_two']} --p-grouped {t.get('p_grouped', 0.0)} --seed {t['seed']}"
-        + (" --init /tmp/stage1" if i == 1 else "")
+        + (f" --init /tmp/stage{i}" if i > 0 else "")
         for i, t in enumerate(stages)
     ]
     lines += [
