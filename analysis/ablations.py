@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 
 from pmpo.config import PMPOConfig
 from pmpo.errors import InputError
+from pmpo.io import read_yaml_mapping
 
 from . import common, style
 
@@ -72,12 +72,7 @@ class Variant:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep YAML; every factor must be a PMPOConfig field."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise InputError(f"cannot read sweep {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"sweep {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data = read_yaml_mapping(path, "sweep")
     known = {"name", "protocol", "dataset", "root", "shots", "seeds", "model", "train", "factors", "device"}
     unknown = sorted(set(data) - known)
     if unknown:

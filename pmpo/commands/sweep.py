@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .. import distributed as pdist
 from ..config import PMPOConfig
 from ..data import resolve_dataset_name
 from ..engine import load_train_config, train_preset_path
 from ..errors import InputError, PMPOError
+from ..io import read_yaml_mapping
 from ..protocols import PROTOCOLS, read_finished, run_dir, run_protocol
 from ..results import build_tables, load_results, render
 
@@ -79,14 +79,7 @@ def _expand(value: str | None) -> str | None:
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise InputError(f"cannot read sweep file {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"sweep file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"sweep file {path} must be a mapping (see 'pmpo sweep --help')")
+    data = read_yaml_mapping(path, "sweep file")
     unknown = sorted(set(data) - KEYS)
     if unknown:
         raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(KEYS))}")
