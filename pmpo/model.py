@@ -269,11 +269,11 @@ class PMPOModel(nn.Module):
         b = self.backbone
         return build_transform(b.image_size, b.mean, b.std, train=False)
 
-    def train_transform(self):
+    def train_transform(self, min_crop_scale: float = 0.08):
         from .data.transforms import build_transform
 
         b = self.backbone
-        return build_transform(b.image_size, b.mean, b.std, train=True)
+        return build_transform(b.image_size, b.mean, b.std, train=True, min_crop_scale=min_crop_scale)
 
     @torch.no_grad()
     def predict(self, images: Sequence, classnames: Sequence[str], batch_size: int = 32) -> torch.Tensor:

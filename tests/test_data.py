@@ -582,3 +582,14 @@ def test_corrupt_missing_and_huge_images(tmp_path):
     assert MAX_IMAGE_PIXELS == 40_000_000
     with pytest.raises(DatasetError, match="too large"):
         load_image(str(good), max_pixels=1000)
+
+
+def test_train_crop_scale_is_configurable():
+    import torchvision.transforms as T
+
+    from pmpo.data.transforms import build_transform
+
+    crops = [t for t in build_transform(32, train=True, min_crop_scale=0.5).transforms if isinstance(t, T.RandomResizedCrop)]
+    assert len(crops) == 1 and crops[0].scale == (0.5, 1.0)
+    default = [t for t in build_transform(32, train=True).transforms if isinstance(t, T.RandomResizedCrop)]
+    assert default[0].scale == (0.08, 1.0)  # CoOp's protocol unless asked otherwise

@@ -41,15 +41,16 @@ def build_transform(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     train: bool = False,
+    min_crop_scale: float = 0.08,
 ) -> T.Compose:
-    """Train: RandomResizedCrop(scale 0.08-1, bicubic) + horizontal flip. Test: resize the
-    shorter side to ``image_size`` (bicubic) + center crop. Both end in ToTensor + Normalize,
-    giving a float tensor of shape (3, image_size, image_size)."""
+    """Train: RandomResizedCrop(scale ``min_crop_scale``-1, bicubic; CoOp's 0.08 by default) +
+    horizontal flip. Test: resize the shorter side to ``image_size`` (bicubic) + center crop.
+    Both end in ToTensor + Normalize, giving a float tensor of shape (3, image_size, image_size)."""
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     if train:
         spatial = [
-            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), interpolation=InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
         ]
     else:

@@ -1,0 +1,272 @@
+"""The ShapeWorld benchmark: the sketch DG target, the sweep files, a sweep row in a table, the
+offline fallback of the CLI, and a learning check of PMPO on the shipped offline CLIP."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pmpo import PMPOConfig, build_model
+from pmpo.backbone import OFFLINE_MODEL, load_backbone
+from pmpo.cli import main
+from pmpo.data import build_dataset, harmonic_mean, resolve_dataset_name, sample_few_shot, subsample_classes
+from pmpo.data import datasets as datasets_module
+from pmpo.data import shapeworld as sw
+from pmpo.errors import BackboneLoadError, InputError
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = REPO / "configs" / "sweeps" / "shapeworld.yaml"
+ABLATIONS = REPO / "configs" / "sweeps" / "shapeworld_ablations.yaml"
+
+
+@pytest.fixture(scope="module")
+def shipped_backbone():
+    return load_backbone(OFFLINE_MODEL, "none", device="cpu")
+
+
+@pytest.fixture
+def small_shapeworld(monkeypatch):
+    """ShapeWorld with 2 train / 1 val / 2 test images per class (and sketch with 2 test images),
+    so a whole protocol run takes seconds; the code path is the registered datasets'."""
+    monkeypatch.setitem(datasets_module.DATASETS, "shapeworld", lambda root: sw.build_shapeworld_splits(
+        root, n_train_per_class=2, n_val_per_class=1, n_test_per_class=2))
+    monkeypatch.setitem(datasets_module.DATASETS, "shapeworld_sketch", lambda root: sw.build_shapeworld_splits(
+        root, style="sketch", n_train_per_class=0, n_val_per_class=0, n_test_per_class=2))
+
+
+# ----------------------------------------------------------------------------- the DG target
+
+def test_sketch_is_a_test_only_target_with_the_same_classes(tmp_path):
+    assert resolve_dataset_name("ShapeWorld-Sketch") == "shapeworld_sketch"
+    sketch = build_dataset("shapeworld_sketch", tmp_path)
+    assert sketch.name == "shapeworld_sketch" and not sketch.train and not sketch.val
+    assert sketch.classnames == sw.class_names() and len(sketch.test) == 25 * len(sw.class_names())
+    assert all(sketch.classnames[d.label] == d.classname for d in sketch.test)
+    assert (tmp_path / "shapeworld" / "sketch" / "manifest.json").is_file()
+    assert not (tmp_path / "shapeworld" / "downstream").exists()  # only the target is rendered
+
+    # A sketch: white-ish paper, coloured outlines; nothing like the downstream renderings.
+    from PIL import Image
+    import numpy as np
+
+    pixels = np.asarray(Image.open(sketch.test[0].path).convert("RGB"), dtype=np.float32)
+    assert np.median(pixels) > 200
+
+    # Test-only: training on it is refused with a clear message.
+    from pmpo.engine import TrainConfig
+    from pmpo.protocols import run_protocol
+
+    with pytest.raises(InputError, match="test-only"):
+        run_protocol("base2new", "shapeworld_sketch", tmp_path, PMPOConfig(method="coop"), TrainConfig(),
+                     tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- sweep files
+
+def _sweep_models(path: Path, backbone):
+    from pmpo.commands.sweep import load_sweep
+    from pmpo.engine import load_train_preset
+
+    sweep = load_sweep(path)
+    built = {}
+    for spec in sweep.methods:
+        cfg = PMPOConfig.from_dict({"method": spec.method, **spec.config, "model": sweep.model,
+                                    "pretrained": sweep.pretrained})
+        model = build_model(cfg, backbone=backbone)  # fails if a preset does not fit the 4-layer tower
+        train = load_train_preset(spec.method, sweep.protocol, sweep.datasets[0], **{**sweep.train, **spec.train})
+        built[spec.name] = (model, train)
+    return sweep, built
+
+
+def test_benchmark_sweep_runs_five_methods_with_one_recipe(shipped_backbone):
+    sweep, built = _sweep_models(SWEEP, shipped_backbone)
+    assert sweep.protocol == "base2new" and sweep.shots == 16 and sweep.seeds == [1, 2, 3]
+    assert sweep.datasets == ["shapeworld"] and sweep.targets == ["shapeworld_sketch"]
+    assert Path(sweep.model.removeprefix("local-dir:")).resolve() == Path(OFFLINE_MODEL.removeprefix("local-dir:"))
+    assert [m.method for m in sweep.methods] == ["zeroshot", "coop", "kgcoop", "maple", "pmpo"]
+    recipes = {name: {k: v for k, v in train.to_dict().items() if k != "seed"} for name, (_, train) in built.items()}
+    assert all(r == recipes["pmpo"] for r in recipes.values()), recipes  # CoOp's 200-epoch preset overridden
+    assert built["zeroshot"][0].num_learnable() == 0
+    maple = built["maple"][0].prompts
+    assert maple.text_depth == built["maple"][0].text.n_layers and maple.segments == [(0, 2)]
+    assert len(built["pmpo"][0].prompts.segments) == 4
+
+
+def test_ablation_sweep_varies_one_factor_from_the_benchmark_pmpo(shipped_backbone):
+    sweep, built = _sweep_models(ABLATIONS, shipped_backbone)
+    bench = yaml_load(SWEEP)
+    ablation = yaml_load(ABLATIONS)
+    # Same data, seeds, recipe and output root as the benchmark: its "pmpo" runs are the base and are reused.
+    for key in ("protocol", "root", "out", "shots", "seeds", "datasets", "targets", "model", "pretrained", "train"):
+        assert ablation[key] == bench[key], key
+    base = built["pmpo"][0].cfg.to_dict()
+    diffs = {}
+    for name, (model, _) in built.items():
+        diffs[name] = {k: v for k, v in model.cfg.to_dict().items() if base[k] != v and k != "alpha"}
+        if model.cfg.alpha != pytest.approx(base["alpha"]) and "n_prompts" not in diffs[name]:
+            diffs[name]["alpha"] = model.cfg.alpha
+    assert diffs["pmpo"] == {}
+    varied = sorted((k, json.dumps(v)) for d in diffs.values() for k, v in d.items())
+    assert varied == sorted([("n_prompts", "1"), ("n_prompts", "2"), ("partition", '"all"'), ("alpha", "0.0")])
+    assert all(len(d) <= 1 for d in diffs.values())  # one factor at a time
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def test_a_tiny_sweep_gives_a_table_row_with_the_sketch_column(small_shapeworld, tmp_path, capsys):
+    sweep = tmp_path / "sw.yaml"
+    sweep.write_text(f"""
+protocol: base2new
+root: {tmp_path / 'data'}
+out: {tmp_path / 'runs'}
+shots: 2
+seeds: [1]
+datasets: [shapeworld]
+targets: [shapeworld_sketch]
+methods: [zeroshot, {{name: pmpo-n1, method: pmpo, config: {{n_prompts: 1}}}}]
+model: {OFFLINE_MODEL}
+pretrained: none
+train: {{epochs: 1, batch_size: 32, warmup_epochs: 0, lr: 0.01, num_workers: 0}}
+""")
+    assert main(["sweep", str(sweep)]) == 0
+    capsys.readouterr()
+    folder = tmp_path / "runs" / "base2new" / "shapeworld" / "pmpo-n1" / "shots_2" / "seed_1"
+    result = json.loads((folder / "result.json").read_text())
+    assert result["dataset"] == "shapeworld_downstream" and result["n_train"] == 2 * 32
+    assert set(result["targets"]) == {"shapeworld_sketch"} and result["n_test"]["shapeworld_sketch"] == 2 * 64
+    assert result["accuracy"]["hm"] == pytest.approx(harmonic_mean(result["accuracy"]["base"], result["accuracy"]["new"]))
+
+    assert main(["table", str(tmp_path / "runs"), "--protocol", "base2new"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| Dataset"))
+    assert header.split("|")[4:8] == [" Base ", " New ", " HM ", " shapeworld_sketch "]
+    for name in ("zeroshot", "pmpo-n1"):
+        row = next(line for line in out.splitlines() if f"| {name} |" in line)
+        cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+        assert cells[0] == "shapeworld_downstream" and len(cells) == 7
+        assert all(re.fullmatch(r"\d+\.\d\d", c) for c in cells[3:]), row
+    zs = json.loads((tmp_path / "runs" / "base2new" / "shapeworld" / "zeroshot" / "shots_2" / "seed_1"
+                     / "result.json").read_text())
+    assert f"{zs['targets']['shapeworld_sketch']:.2f}" in out
+
+    # tools/shapeworld_benchmark.py writes the same table into the doc, with model and timings.
+    bench = _load_tool("shapeworld_benchmark")
+    from pmpo.commands.sweep import load_sweep
+
+    doc = tmp_path / "doc.md"
+    doc.write_text("".join(f"<!-- shapeworld:{s} -->\nold\n<!-- /shapeworld:{s} -->\n" for s in bench.SECTIONS))
+    bench.write_doc(doc, [load_sweep(sweep), load_sweep(sweep)])
+    text = doc.read_text()
+    assert "old" not in text and header in text and row in text
+    assert "eval.json" in text and "| pmpo-n1 | 1 |" in text and "Total:" in text
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- offline default
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every hub backbone fails to load as it does without a network; local folders still load."""
+    import pmpo.backbone
+
+    real = pmpo.backbone.load_backbone
+    calls = []
+
+    def fake(model, pretrained=None, *args, **kwargs):
+        calls.append(model)
+        if not model.startswith("local-dir:"):
+            raise BackboneLoadError(f"could not load {model} + {pretrained}: no network (test)")
+        return real(model, pretrained, *args, **kwargs)
+
+    monkeypatch.setattr(pmpo.backbone, "load_backbone", fake)
+    monkeypatch.setattr("pmpo.model.load_backbone", fake)
+    return calls
+
+
+def test_cli_falls_back_to_the_shipped_model_when_the_default_cannot_load(no_network, small_shapeworld,
+                                                                           tmp_path, capsys):
+    image = tmp_path / "star.png"
+    sw.sample_class_scene(5, __import__("numpy").random.default_rng(0)).pil().save(image)
+
+    assert main(["predict", "--classes", "red circle,green star", "--device", "cpu", str(image)]) == 0
+    captured = capsys.readouterr()
+    assert "falling back to the shipped offline model" in captured.err and "green star" in captured.out
+    assert no_network[0] == "ViT-B-16-quickgelu" and no_network[-1] == OFFLINE_MODEL
+
+    root = tmp_path / "data"
+    assert main(["eval", "--method", "zeroshot", "--dataset", "shapeworld", "--root", str(root), "--json",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "falling back" in captured.err and json.loads(captured.out)["n"] == 2 * 64
+
+    assert main(["train", "--dataset", "shapeworld", "--root", str(root), "--method", "coop", "--shots", "1",
+                 "--epochs", "1", "--batch-size", "32", "--warmup-epochs", "0", "--num-workers", "0",
+                 "--out", str(tmp_path / "runs"), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "falling back" in captured.err
+    result = json.loads((tmp_path / "runs" / "base2new" / "shapeworld" / "coop" / "shots_1" / "seed_1"
+                         / "result.json").read_text())
+    assert result["backbone"]["model"] == OFFLINE_MODEL and result["config"]["model"] == OFFLINE_MODEL
+
+    # A backbone the user named never falls back: it loads or fails with one line.
+    assert main(["predict", "--model", "ViT-B-16-quickgelu", "--pretrained", "openai", "--classes", "a,b",
+                 "--device", "cpu", str(image)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pmpo predict: error: could not load") and "falling back" not in err[0]
+
+
+# ----------------------------------------------------------------------------- it learns
+
+LEARN_SHOTS = 4
+LEARN_TEST_PER_CLASS = 10
+LEARN_RECIPE = dict(epochs=4, batch_size=32, optimizer="adamw", lr=0.01, weight_decay=0.0, warmup_epochs=0,
+                    num_workers=0, seed=1)
+# Known failure, kept strict so that it turns red the day it passes (then drop the marker).
+# Measured with the retrained offline model (eval.json downstream HM 37.5): zero-shot base/new
+# 38.75/31.56 on this subset; PMPO after this recipe 35.94/31.87 (with 8 shots: 31.56/25.94).
+# On ShapeWorld, prompt training through the engine does not beat zero-shot; with CoOp's train
+# crop (RandomResizedCrop, scale 0.08-1, which often cuts the one small object out of a 64-px
+# scene) it falls below it (docs/SHAPEWORLD.md, "What the numbers say").
+
+
+@pytest.mark.xfail(strict=True, reason="prompt training does not beat zero-shot on ShapeWorld with the shipped model "
+                                       "and CoOp's augmentation (docs/SHAPEWORLD.md)")
+def test_pmpo_learns_base_classes_and_keeps_new_ones(shipped_backbone, tmp_path):
+    """After a few epochs on 4 shots of the 32 base classes, PMPO must beat zero-shot CLIP by
+    10 points on base classes and stay within 10 points of it on the unseen new classes
+    (fixed test subset: 10 images per class)."""
+    from pmpo.engine import TrainConfig, evaluate, train
+
+    splits = sw.build_shapeworld_splits(tmp_path, n_train_per_class=LEARN_SHOTS, n_val_per_class=0,
+                                        n_test_per_class=LEARN_TEST_PER_CLASS)
+    fewshot = sample_few_shot(splits, LEARN_SHOTS, seed=1)
+    base, new = subsample_classes(fewshot, "base"), subsample_classes(fewshot, "new")
+
+    def accuracy(model):
+        return {part: evaluate(model, s.test, s.classnames, batch_size=320).accuracy
+                for part, s in (("base", base), ("new", new))}
+
+    zero_shot = accuracy(build_model(PMPOConfig(method="zeroshot", model=OFFLINE_MODEL), backbone=shipped_backbone))
+    torch.manual_seed(0)
+    model = build_model(PMPOConfig(method="pmpo", model=OFFLINE_MODEL), backbone=shipped_backbone)
+    history = train(model, base.train, base.classnames, TrainConfig(**LEARN_RECIPE)).history
+    assert len(history) == LEARN_RECIPE["epochs"]
+    learned = accuracy(model)
+    assert learned["base"] >= zero_shot["base"] + 10, (learned, zero_shot)
+    assert learned["new"] >= zero_shot["new"] - 10, (learned, zero_shot)
