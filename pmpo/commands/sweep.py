@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     device = pdist.init_from_env(args.device)
     main = pdist.info().is_main
     say = (lambda msg: print(msg, file=sys.stderr)) if main else (lambda msg: None)
-    backbone = None
+    backbone, loaded = None, None
     failed, skipped, ran = [], 0, 0
     try:
         for i, (dataset, spec, seed) in enumerate(jobs, 1):
@@ -161,10 +161,14 @@ def run(args: argparse.Namespace) -> int:
                                             **({"pretrained": sweep.pretrained} if sweep.pretrained else {})})
                 train_cfg = load_train_config(train_preset_path(spec.method, sweep.protocol), dataset=dataset,
                                               **{**sweep.train, **spec.train})
-                if backbone is None or (backbone.model_name, backbone.pretrained or "none") != (cfg.model, cfg.pretrained or "none"):
+                # Compare with the spec as written, not the loader's resolved path, so a relative
+                # local-dir: loads once per sweep.
+                wanted = (cfg.model, cfg.pretrained or "none", cfg.quick_gelu)
+                if backbone is None or wanted != loaded:
                     from ..backbone import load_backbone
 
                     backbone = load_backbone(cfg.model, cfg.pretrained, device=device, quick_gelu=cfg.quick_gelu)
+                    loaded = wanted
                 run_protocol(sweep.protocol, dataset, root, cfg, train_cfg, folder, shots=sweep.shots, seed=seed,
                              name=spec.name, targets=sweep.targets, target_root=sweep.target_root,
                              dataset_templates=sweep.dataset_templates, device=device, backbone=backbone,
