@@ -47,13 +47,15 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=PRECISIONS)
     g.add_argument("--num-workers", type=int, help="DataLoader workers per process")
     g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--min-crop-scale", type=float,
+                   help="smallest area fraction of the train crop (default 0.08, CoOp's protocol)")
 
 
 def train_config_from_args(args: argparse.Namespace, method: str, protocol: str, dataset: str) -> TrainConfig:
     path = args.train_config or train_preset_path(method, protocol)
     overrides = {k: getattr(args, k, None) for k in (
         "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "warmup_epochs",
-        "warmup_lr", "grad_accum", "precision", "num_workers", "eval_batch_size")}
+        "warmup_lr", "grad_accum", "precision", "num_workers", "eval_batch_size", "min_crop_scale")}
     return load_train_config(path, dataset=dataset, **overrides)
 
 
