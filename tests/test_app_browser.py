@@ -38,12 +38,26 @@ def page(served):
         browser.close()
 
 
+def upload(page, path: Path) -> None:
+    """Set the file input and wait for the file to be listed. Right after the first paint the
+    upload component may not be wired up yet (the input event is then lost), so try again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(3):
+        page.locator("#images input[type=file]").set_input_files(str(path))
+        try:
+            page.get_by_text(path.name).first.wait_for(timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+
+
 def test_upload_classify_and_read_result(page, served, tmp_path):
     from playwright.sync_api import expect
 
     image = sorted((Path(served[1]) / "examples").glob("*.png"))[0]
-    page.locator("#images input[type=file]").set_input_files(str(image))
-    page.get_by_text(image.name).first.wait_for()
+    upload(page, image)
     classes = page.locator("#classes textarea")
     classes.fill("red circle\nblue square\nsomething else")
     page.locator("#classify-btn").click()
@@ -64,8 +78,7 @@ def test_corrupt_upload_shows_message_in_page(page, served, tmp_path):
     page.wait_for_selector("#classify-btn")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    page.locator("#images input[type=file]").set_input_files(str(bad))
-    page.get_by_text("broken.jpg").first.wait_for()
+    upload(page, bad)
     page.locator("#classify-btn").click()
     page.locator("#classify-status").get_by_text("Error").wait_for()
     text = page.locator("#classify-status").inner_text()
