@@ -78,6 +78,19 @@ class LRU(Generic[K, V]):
         with self._lock:
             return self._data.pop(key, None)
 
+    def get_or_load(self, key: K, load: Callable[[], V], load_lock: threading.RLock) -> V:
+        """Cached value, or ``load()`` once under ``load_lock`` (concurrent callers wait for it
+        rather than loading the same model twice)."""
+        found = self.get(key)
+        if found is not None:
+            return found
+        with load_lock:
+            found = self.get(key)
+            if found is None:
+                found = load()
+                self.put(key, found)
+        return found
+
     def keys(self) -> list[K]:
         with self._lock:
             return list(self._data)
@@ -175,16 +188,12 @@ class AppState:
     def backbone(self, spec: BackboneSpec | None = None) -> Backbone:
         """The CLIP of ``spec``, loaded on first use and then shared."""
         spec = spec or self.default_spec
-        found = self._backbones.get(spec)
-        if found is not None:
-            return found
-        with self._load_lock:
-            found = self._backbones.get(spec)
-            if found is None:
-                log.info("loading backbone %s", spec.label)
-                found = load_backbone(spec.model, spec.pretrained, device=self.device)
-                self._backbones.put(spec, found)
-        return found
+
+        def load() -> Backbone:
+            log.info("loading backbone %s", spec.label)
+            return load_backbone(spec.model, spec.pretrained, device=self.device)
+
+        return self._backbones.get_or_load(spec, load, self._load_lock)
 
     def _backbone_evicted(self, spec: BackboneSpec, _: Backbone) -> None:
         for key, _entry in self._models.items():
@@ -234,15 +243,7 @@ class AppState:
         path = self.checkpoint_path(choice)
         stamp = path.stat().st_mtime_ns if path is not None else 0
         key = (spec, choice, stamp)
-        found = self._models.get(key)
-        if found is not None:
-            return found
-        with self._load_lock:
-            found = self._models.get(key)
-            if found is None:
-                found = self._build(spec, choice, path)
-                self._models.put(key, found)
-        return found
+        return self._models.get_or_load(key, lambda: self._build(spec, choice, path), self._load_lock)
 
     def _build(self, spec: BackboneSpec, choice: str, path: Path | None) -> LoadedModel:
         backbone = self.backbone(spec)
