@@ -163,10 +163,11 @@ train: {{epochs: 1, batch_size: 32, warmup_epochs: 0, lr: 0.01, num_workers: 0}}
 
     doc = tmp_path / "doc.md"
     doc.write_text("".join(f"<!-- shapeworld:{s} -->\nold\n<!-- /shapeworld:{s} -->\n" for s in bench.SECTIONS))
-    bench.write_doc(doc, [load_sweep(sweep), load_sweep(sweep)])
+    bench.write_doc(doc, [load_sweep(sweep), load_sweep(sweep)])  # with the probe table
     text = doc.read_text()
     assert "old" not in text and header in text and row in text
     assert "eval.json" in text and "| pmpo-n1 | 1 |" in text and "Total:" in text
+    assert re.search(r"\| linear probe \| 1 \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \|", text), text
 
 
 def _load_tool(name: str):

@@ -3,12 +3,14 @@ docs/SHAPEWORLD.md (between the ``<!-- shapeworld:... -->`` markers).
 
     python tools/shapeworld_benchmark.py                 # run (resumable) + rewrite the doc's tables
     python tools/shapeworld_benchmark.py --tables-only   # only rewrite the tables from finished runs
+    python tools/shapeworld_benchmark.py --probe-only    # only the linear-probe reference (no training)
 
 Running is ``pmpo sweep`` on configs/sweeps/shapeworld.yaml and shapeworld_ablations.yaml
 (finished runs are skipped, so after retraining the offline model delete ``runs/shapeworld``
 first); tables are ``pmpo table``'s (mean ± std over seeds, HM of the seed-averaged base/new).
-This script only adds what the doc needs beside them: which model produced the numbers, and
-the wall time of every run.
+This script only adds what the doc needs beside them: which model produced the numbers, the
+linear-probe reference (how much the frozen features carry, ``pmpo.probe``), and the wall time
+of every run.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pmpo.results import build_tables, load_results, render  # noqa: E402
 
 SWEEPS = (REPO / "configs" / "sweeps" / "shapeworld.yaml", REPO / "configs" / "sweeps" / "shapeworld_ablations.yaml")
 DOC = REPO / "docs" / "SHAPEWORLD.md"
-SECTIONS = ("model", "benchmark", "ablations", "times")
+SECTIONS = ("model", "benchmark", "probe", "ablations", "times")
 
 
 def result_files(sweep: Sweep) -> list[Path]:
@@ -80,6 +82,50 @@ def model_markdown(results: list[dict]) -> str:
     lines.append(f"Code: commit(s) {', '.join(commits)}; torch {versions.get('torch', '?')}, "
                  f"open_clip {versions.get('open_clip', '?')}; device {results[0].get('device', '?') if results else '?'}.")
     return "\n".join(lines) + "\n"
+
+
+def probe_markdown(sweep: Sweep, device: str = "cpu") -> str:
+    """The linear-probe reference row (``pmpo.probe``): per seed, logistic regression on the frozen
+    image features of that seed's 16-shot train split of each half, C chosen on its val split,
+    scored on the half's test split; beside it zero-shot on the same test images."""
+    import statistics as st
+
+    from pmpo import PMPOConfig, build_model
+    from pmpo.data import build_dataset, sample_few_shot, subsample_classes
+    from pmpo.engine import evaluate
+    from pmpo.probe import linear_probe
+
+    model = build_model(PMPOConfig(method="zeroshot", model=sweep.model, pretrained=sweep.pretrained), device=device)
+    splits = build_dataset(sweep.datasets[0], sweep.root)
+    rows: dict[str, dict[str, list[float]]] = {"zero-shot": {"base": [], "new": []},
+                                               "linear probe": {"base": [], "new": []}}
+    chosen = []
+    for seed in sweep.seeds:
+        fewshot = sample_few_shot(splits, sweep.shots, seed)
+        for half in ("base", "new"):
+            part = subsample_classes(fewshot, half)
+            res = linear_probe(model, part.train, part.val, part.test)
+            rows["linear probe"][half].append(res.accuracy)
+            chosen.append(res.C)
+            if seed == sweep.seeds[0]:  # zero-shot does not depend on the seed
+                rows["zero-shot"][half].append(evaluate(model, part.test, part.classnames, batch_size=400).accuracy)
+    out = ["| Reference | Seeds | Base | New | Base − zero-shot base |", "|---|---:|---:|---:|---:|"]
+    zs_base = rows["zero-shot"]["base"][0]
+    for name, r in rows.items():
+        cells = []
+        for half in ("base", "new"):
+            v = r[half]
+            cells.append(f"{st.mean(v):.2f} ± {st.pstdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}")
+        gain = st.mean(r["base"]) - zs_base
+        out.append(f"| {name} | {len(r['base'])} | {cells[0]} | {cells[1]} | {gain:+.2f} |")
+    out.append(f"\nProbe: `pmpo.probe.linear_probe` — scikit-learn logistic regression (L-BFGS) on the normalised, "
+               f"unprompted image features (eval transform, no augmentation) of each seed's {sweep.shots}-shot train "
+               f"split of the half, C ∈ {{0.01, 0.1, 1, 10, 100}} chosen on that seed's val split (chosen: "
+               f"{', '.join(f'{c:g}' for c in chosen)}), scored on the half's test split (800 images). New-class "
+               "probes are trained on the new classes' own shots, so they measure the features, not generalisation. "
+               "std over seeds is the population std (ddof 0); where a dataset has no more than K train images per "
+               "class (ShapeWorld: 16) every seed draws all of them, so seeds differ only in order.")
+    return "\n".join(out) + "\n"
 
 
 def stale_runs(results: list[dict], weights: Path) -> list[str]:
@@ -128,7 +174,7 @@ def replace_section(text: str, section: str, body: str) -> str:
     return pattern.sub(lambda _m: f"{start}\n{body.rstrip()}\n{end}", text)
 
 
-def write_doc(doc: Path, sweeps: Sequence[Sweep]) -> None:
+def write_doc(doc: Path, sweeps: Sequence[Sweep], probe: bool = True) -> None:
     bench, ablations = (load_results(result_files(s)) if result_files(s) else [] for s in sweeps)
     if not bench:
         raise PMPOError("no finished benchmark runs; run this script without --tables-only first")
@@ -137,6 +183,8 @@ def write_doc(doc: Path, sweeps: Sequence[Sweep]) -> None:
     text = doc.read_text(encoding="utf-8")
     text = replace_section(text, "model", model_markdown(every))
     text = replace_section(text, "benchmark", table_markdown(bench))
+    if probe:
+        text = replace_section(text, "probe", probe_markdown(sweeps[0]))
     if ablations:
         text = replace_section(text, "ablations", table_markdown(ablations))
     text = replace_section(text, "times", times_markdown(every))
@@ -147,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tables-only", action="store_true", help="do not run; rewrite the tables from finished runs")
     p.add_argument("--skip-ablations", action="store_true", help="run only the five-method benchmark")
+    p.add_argument("--no-probe", action="store_true", help="leave the linear-probe reference table as it is")
+    p.add_argument("--probe-only", action="store_true", help="only (re)write the linear-probe reference table")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--doc", default=str(DOC), help=f"document to update (default: {_repo_relative(DOC)})")
     args = p.parse_args(argv)
@@ -154,11 +204,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.chdir(REPO)  # the sweep files name data/, runs/ and checkpoints/ relative to the repo root
     try:
         sweeps = [load_sweep(s) for s in SWEEPS]
+        if args.probe_only:
+            doc.write_text(replace_section(doc.read_text(encoding="utf-8"), "probe", probe_markdown(sweeps[0])),
+                           encoding="utf-8")
+            print(f"probe table written to {doc}", file=sys.stderr)
+            return 0
         if not args.tables_only:
             for path in SWEEPS[:1] if args.skip_ablations else SWEEPS:
                 if pmpo_main(["sweep", str(path), "--device", args.device]) != 0:
                     return 1
-        write_doc(doc, sweeps)
+        write_doc(doc, sweeps, probe=not args.no_probe)
     except PMPOError as exc:
         print(f"shapeworld_benchmark: error: {exc}", file=sys.stderr)
         return 1
