@@ -418,6 +418,36 @@ def example_images(folder: str | Path, classes: list[str] = EXAMPLE_CLASSES, see
     return paths
 
 
+EXAMPLE_TRAIN_PER_CLASS = 8
+
+
+def example_training_images(folder: str | Path, classes: list[str] = EXAMPLE_CLASSES,
+                            per_class: int = EXAMPLE_TRAIN_PER_CLASS, seed: int = 11) -> list[str]:
+    """``per_class`` downstream-style ShapeWorld renders per class, named ``<colour>_<shape>_<i>.png``
+    so the Train tab reads their labels from the file names: a ready few-shot task for the offline
+    model (the Train tab holds one in four out to score it)."""
+    import numpy as np
+    from PIL import Image
+
+    from pmpo.data import shapeworld as sw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sw.class_names()
+    paths = []
+    for i, cls in enumerate(classes):
+        rng = np.random.default_rng([seed, i])
+        for k in range(per_class):
+            path = folder / f"{cls.replace(' ', '_')}_{k + 1}.png"
+            sample = sw.sample_class_scene(names.index(cls), rng, style="downstream")
+            if not path.is_file():
+                tmp = path.with_suffix(".tmp.png")
+                Image.fromarray(sample.image, "RGB").save(tmp)
+                os.replace(tmp, path)
+            paths.append(str(path))
+    return paths
+
+
 def label_from_filename(path: str, classnames: list[str]) -> str | None:
     """'red_circle_3.png' -> 'red circle' when that is a class: lets examples carry their labels."""
     stem = re.sub(r"[_\-\s]*\d+$", "", Path(path).stem).replace("_", " ").replace("-", " ").strip().lower()
@@ -429,5 +459,5 @@ def label_from_filename(path: str, classnames: list[str]) -> str | None:
 
 __all__ = [
     "AppState", "BackboneSpec", "LoadedModel", "LRU", "UNTRAINED", "EXAMPLE_CLASSES", "HOW_TO_LOAD",
-    "example_images", "label_from_filename", "open_state", "offline_model_present",
+    "example_images", "example_training_images", "label_from_filename", "open_state", "offline_model_present",
 ]

@@ -7,6 +7,10 @@ thread; the handler is a generator that turns the engine's per-step progress int
 and a ``threading.Event`` passed as ``stop`` cancels between steps. The trained prompts are
 saved as a safetensors prompt checkpoint, offered in the checkpoint picker at once and
 downloadable.
+
+Before training, one image in four of every class (with at least two images) is held out; the
+report compares zero-shot CLIP with the trained prompts on those images only, so the number a
+visitor sees is accuracy on images the prompts never saw, not training accuracy.
 """
 
 from __future__ import annotations
@@ -162,6 +166,25 @@ def check_images(items: list[Datum]) -> tuple[list[Datum], list[str]]:
     return good, problems
 
 
+HOLDOUT_EVERY = 4  # every 4th image of a class (sorted by file name) is held out
+
+
+def split_holdout(items: Sequence[Datum], every: int = HOLDOUT_EVERY) -> tuple[list[Datum], list[Datum]]:
+    """(train, held-out): per class, in file-name order, images every-1, 2·every-1, … are held out;
+    a class with a single image keeps it for training. Deterministic, so a rerun scores the same images."""
+    by_class: dict[int, list[Datum]] = {}
+    for d in items:
+        by_class.setdefault(d.label, []).append(d)
+    train, held = [], []
+    for label in sorted(by_class):
+        group = sorted(by_class[label], key=lambda d: display_name(d.path))
+        for i, d in enumerate(group):
+            (held if len(group) >= 2 and i % every == every - 1 else train).append(d)
+        if len(group) >= 2 and not any(d.label == label for d in held):
+            held.append(train.pop())  # 2 or 3 images: still hold one out
+    return train, held
+
+
 # --- running a training ---------------------------------------------------------------------------
 @dataclass
 class TrainUpdate:
@@ -173,6 +196,7 @@ class TrainUpdate:
     checkpoint: str | None = None  # path of the downloadable .safetensors
     choice: str | None = None  # its name in the checkpoint picker
     error: bool = False
+    heldout: dict | None = None  # {"n": images, "zero_shot": %, "trained": %} on the held-out images
 
 
 class TrainJobs:
@@ -218,7 +242,7 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
                  classnames: list[str], stop: threading.Event, name: str | None = None,
                  lr: float | None = None, poll_s: float = 0.5) -> Iterator[TrainUpdate]:
     """Train in a worker thread and yield updates; the final one names the new checkpoint."""
-    from pmpo.engine import train
+    from pmpo.engine import evaluate, train
 
     if method not in TRAIN_METHODS:
         raise InputError(f"Unknown method {method!r}; choose one of {', '.join(TRAIN_METHODS)}.")
@@ -227,6 +251,7 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
         yield TrainUpdate("Skipped unreadable images: " + " ".join(problems[:5]))
     if len({d.label for d in items}) < 2:
         raise InputError("After skipping unreadable images fewer than two classes remain.")
+    items, held = split_holdout(items)
     cfg = train_config(epochs, len(items), lr)
     backbone = state.backbone(spec)
     try:
@@ -234,6 +259,13 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
                             device=state.device, backbone=backbone)
     except PMPOError as exc:
         raise InputError(f"{method} does not fit {spec.label}: {exc}") from exc
+    zero_shot = None
+    if held:
+        zs_model = build_model(PMPOConfig(method="zeroshot", model=backbone.model_name,
+                                          pretrained=backbone.pretrained or "none"), device=state.device, backbone=backbone)
+        zero_shot = evaluate(zs_model, held, classnames).accuracy
+        yield TrainUpdate(f"Held out {len(held)} of {len(items) + len(held)} images (one in {HOLDOUT_EVERY} per class) "
+                          f"to score the result; zero-shot accuracy on them: {zero_shot:.1f}%.")
 
     updates: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
@@ -285,12 +317,21 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
     model.save(str(out), classnames=",".join(classnames)[:2000], epochs=str(len(result.history)), source="pmpo app")
     choice = state.add_checkpoint_file(out, prefix=TRAINED_PREFIX, name=out.name)
     last = result.history[-1] if result.history else {}
+    heldout = None
+    if held:
+        heldout = {"n": len(held), "zero_shot": zero_shot, "trained": evaluate(model, held, classnames).accuracy}
+        score = (f"**Held-out accuracy** ({len(held)} images the training never saw): zero-shot "
+                 f"{heldout['zero_shot']:.1f}% → trained {heldout['trained']:.1f}% "
+                 f"({heldout['trained'] - heldout['zero_shot']:+.1f} points). ")
+    else:
+        score = "No class has two images, so nothing could be held out to score the result. "
     status = (
         f"{'Cancelled after' if result.stopped else 'Finished'} {len(result.history)} epoch(s) in {result.wall_time_s:.1f} s "
-        f"({result.images_per_s:.1f} images/s); last epoch loss {last.get('loss', float('nan')):.4f}, training accuracy "
+        f"({result.images_per_s:.1f} images/s) on {len(items)} images; " + score
+        + f"Last epoch loss {last.get('loss', float('nan')):.4f}, training accuracy "
         f"{last.get('acc', float('nan')):.1f}%. The prompts are selected as **{choice}** in the checkpoint picker."
     )
-    yield TrainUpdate(status, history, done=True, checkpoint=str(out), choice=choice)
+    yield TrainUpdate(status, history, done=True, checkpoint=str(out), choice=choice, heldout=heldout)
 
 
 def _running_status(history: list[dict], epochs: int, started: float, n: int) -> str:

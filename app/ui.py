@@ -25,7 +25,7 @@ from . import classify as classify_tab
 from . import embeddings as embeddings_tab
 from . import train as train_tab
 from .inputs import as_list, display_name, file_path, load_images, parse_classes, parse_templates
-from .state import EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images
+from .state import EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images, example_training_images
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def notices_md(*groups: list[str]) -> str:
 def build_demo(state: AppState) -> gr.Blocks:
     """The whole app; ``state`` holds the models and is shared by every session."""
     examples = example_images(state.cache_dir / "examples")
+    train_examples = example_training_images(state.cache_dir / "train-examples")
     jobs = train_tab.TrainJobs()
 
     def resolve(bb_model: str, bb_pretrained: str, choice: str):
@@ -262,6 +263,11 @@ def build_demo(state: AppState) -> gr.Blocks:
                         gr.Markdown("Few-shot prompt training on your images: upload files (labels guessed from the file "
                                     "names, editable below), or a zip with one folder per class"
                                     + (", or give a folder with class subfolders." if train_tab.local_paths_allowed() else "."))
+                        gr.Markdown("One image in four of every class is **held out** before training; the result "
+                                    "compares zero-shot CLIP with the trained prompts on those images only.")
+                        train_examples_btn = gr.Button(
+                            f"Use example training images (ShapeWorld, {len(EXAMPLE_CLASSES)} classes × "
+                            f"{len(train_examples) // len(EXAMPLE_CLASSES)})", size="sm", elem_id="train-examples-btn")
                         with gr.Row():
                             train_files = gr.File(label="Training images", file_count="multiple", elem_id="train-files")
                             train_zip = gr.File(label="…or a zip (class folders)", file_count="single", file_types=[".zip"])
@@ -304,6 +310,7 @@ def build_demo(state: AppState) -> gr.Blocks:
                            api_name="upload_checkpoint")
         bb_button.click(load_backbone, backbone_inputs, bb_status, api_name="load_backbone")
         train_files.change(train_tab.label_rows, train_files, label_table, api_name=False)
+        train_examples_btn.click(lambda: train_examples, None, train_files, api_name=False)
         train_btn.click(train, [train_files, label_table, train_zip, train_folder, train_method, train_epochs, train_name,
                                 *backbone_inputs],
                         [train_status, train_plot, train_download, checkpoint], api_name="train",

@@ -346,12 +346,39 @@ def test_training_yields_progress_and_registers_checkpoint(state, tmp_path):
     final = updates[-1]
     assert final.done and not final.error, final.status
     assert any(not u.done and u.history for u in updates)  # live per-step progress
-    assert len(final.history) == 2 * 1  # 4 images, batch 4: one step per epoch
+    assert len(final.history) == 2 * 1  # 2 images trained (one per class held out), batch 2: one step per epoch
+    # Scored on the held-out images only: zero-shot and trained, both reported on the page.
+    assert final.heldout["n"] == 2 and 0 <= final.heldout["zero_shot"] <= 100 and 0 <= final.heldout["trained"] <= 100
+    assert "Held-out accuracy" in final.status and f"{final.heldout['trained']:.1f}%" in final.status
     assert Path(final.checkpoint).is_file() and final.choice in state.checkpoint_choices()
     entry = state.model(None, final.choice)
     assert entry.model.cfg.method == "coop"
     probs = classify.score(state, entry, [Image.open(items[0].path)], ["x"], names, TEMPLATES).probs["learned"]
     assert probs.shape == (1, 2)
+
+
+def test_holdout_keeps_one_in_four_per_class_and_never_a_lone_image(tmp_path):
+    from pmpo.data.datasets import Datum
+
+    items = ([Datum(path=f"/x/a_{i:02d}.png", label=0, classname="a") for i in range(8)]
+             + [Datum(path=f"/x/b_{i}.png", label=1, classname="b") for i in range(3)]
+             + [Datum(path="/x/c_0.png", label=2, classname="c")])
+    train, held = train_tab.split_holdout(items)
+    assert sorted(d.path for d in held) == ["/x/a_03.png", "/x/a_07.png", "/x/b_2.png"]
+    assert len(train) + len(held) == len(items) and not {d.path for d in train} & {d.path for d in held}
+    assert [d.label for d in train].count(2) == 1  # a single image is never held out
+    # The same images whatever order the files arrive in (reruns score the same held-out set).
+    assert sorted(d.path for d in train_tab.split_holdout(list(reversed(items)))[1]) == sorted(d.path for d in held)
+
+
+def test_example_training_set_is_labelled_by_file_name(tmp_path):
+    from app.state import EXAMPLE_CLASSES, EXAMPLE_TRAIN_PER_CLASS, example_training_images
+
+    paths = example_training_images(tmp_path)
+    assert len(paths) == len(EXAMPLE_CLASSES) * EXAMPLE_TRAIN_PER_CLASS and all(Path(p).is_file() for p in paths)
+    items, names = train_tab.items_from_table(paths, None)
+    assert sorted(names) == sorted(EXAMPLE_CLASSES)
+    assert example_training_images(tmp_path) == paths  # cached renders are reused
 
 
 def test_training_cancel_and_bad_method(state, tmp_path):
