@@ -1,0 +1,65 @@
+"""The offline model's pretraining tool: growing a trained shallow CLIP deeper is exact, and the
+attribute targets the auxiliary heads learn from match the rendered scenes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("pretrain_shapeworld", REPO / "tools" / "pretrain_shapeworld.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cfg(vision_layers: int, text_layers: int) -> dict:
+    return {"embed_dim": 32, "quick_gelu": False,
+            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": vision_layers, "head_width": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": text_layers}}
+
+
+def test_grow_keeps_every_output_and_adds_identity_blocks(tool):
+    import open_clip
+
+    torch.manual_seed(0)
+    shallow = tool.build_model(_cfg(2, 3))
+    with torch.no_grad():  # make the shallow blocks non-trivial, as after training
+        for p in shallow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    deep = tool.grow(shallow, _cfg(12, 9))
+    assert len(deep.visual.transformer.resblocks) == 12 and len(deep.transformer.resblocks) == 9
+    shallow.eval(), deep.eval()
+    images = torch.randn(3, 3, 32, 32)
+    text = open_clip.tokenize(["a red circle", "a photo of a blue star."])
+    with torch.no_grad():
+        assert torch.allclose(shallow.encode_image(images), deep.encode_image(images), atol=1e-5)
+        assert torch.allclose(shallow.encode_text(text), deep.encode_text(text), atol=1e-5)
+    # First and last shallow blocks sit at the ends; an added block is the identity.
+    assert torch.equal(deep.visual.transformer.resblocks[11].attn.in_proj_weight,
+                       shallow.visual.transformer.resblocks[1].attn.in_proj_weight)
+    added = deep.visual.transformer.resblocks[5]
+    assert not added.attn.out_proj.weight.any() and not added.mlp.c_proj.weight.any()
+    with pytest.raises(ValueError, match="only depth"):
+        tool.grow(shallow, {**_cfg(12, 9), "vision_cfg": {**_cfg(12, 9)["vision_cfg"], "width": 64}})
+
+
+def test_attribute_targets_follow_the_scene(tool):
+    from pmpo.data import shapeworld as sw
+
+    rng = np.random.default_rng(0)
+    one = sw.sample_scene(rng, p_two=0.0)
+    two = sw.sample_scene(rng, p_two=1.0)
+    targets = tool.attribute_targets([one, two])
+    o = one.objects[0]
+    assert targets[0].tolist() == [sw.SHAPES.index(o.shape), sw.COLOURS.index(o.colour), sw.FILLS.index(o.fill),
+                                   sw.SIZES.index(o.size), sw.POSITIONS.index(o.position)]
+    assert targets[1].tolist() == [-1] * 5  # two objects: no single answer, ignored by the heads
