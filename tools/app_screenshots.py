@@ -93,10 +93,10 @@ def screenshots(url: str, out: Path, examples: list[str]) -> list[Path]:
         capture("embeddings")
 
         page.get_by_role("tab", name="Train").click()
-        page.locator("#train-files input[type=file]").set_input_files(examples)
-        expect(page.locator("#train-files")).to_contain_text(Path(examples[-1]).stem)
+        page.locator("#train-examples-btn").click()  # 8 classes x 8 downstream renders; 2 per class held out
+        expect(page.locator("#train-files")).to_contain_text("yellow_star_8")
         page.locator("#train-btn").click()
-        expect(page.locator("#train-status")).to_contain_text("Finished")
+        expect(page.locator("#train-status")).to_contain_text("Held-out accuracy", timeout=300_000)
         capture("train")
 
         page.get_by_role("tab", name="Benchmarks").click()
