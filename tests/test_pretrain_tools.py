@@ -63,3 +63,20 @@ def test_attribute_targets_follow_the_scene(tool):
     assert targets[0].tolist() == [sw.SHAPES.index(o.shape), sw.COLOURS.index(o.colour), sw.FILLS.index(o.fill),
                                    sw.SIZES.index(o.size), sw.POSITIONS.index(o.position)]
     assert targets[1].tolist() == [-1] * 5  # two objects: no single answer, ignored by the heads
+
+
+def test_uncaptioned_scenes_get_their_own_heads(tool):
+    from pmpo.data import shapeworld as sw
+
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    x, captions, targets = tool.make_batch(0, 0, 8, 0.0, mean, std, n_uncaptioned=4)
+    assert x.shape[0] == 12 and len(captions) == 8 and targets.shape == (12, 5)
+    heads = tool.AttributeHeads(16, separate_uncaptioned=True)
+    feats = torch.randn(12, 16, requires_grad=True)
+    loss, accs = heads.loss(feats, targets, n_captioned=8)
+    loss.backward()
+    assert torch.isfinite(loss) and {"shape", "ds_shape"} <= set(accs)
+    assert heads.uncaptioned["shape"].weight.grad is not None and heads.heads["shape"].weight.grad is not None
+    shared = tool.AttributeHeads(16)
+    _, accs = shared.loss(feats.detach(), targets, n_captioned=8)
+    assert "ds_shape" in accs and shared.uncaptioned is None

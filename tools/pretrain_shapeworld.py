@@ -242,22 +242,37 @@ class AttributeHeads(torch.nn.Module):
     carry every attribute linearly, as a real CLIP's features carry far more than its zero-shot
     prompts use; they are a pretraining device only and are not part of the shipped model."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, separate_uncaptioned: bool = False):
         super().__init__()
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in ATTRIBUTES.items()})
+        # Own heads for the uncaptioned downstream-style scenes: the features must carry the
+        # attributes there too, but need not use the directions the captioned style aligned with text.
+        self.uncaptioned = torch.nn.ModuleDict(
+            {k: torch.nn.Linear(dim, len(v)) for k, v in ATTRIBUTES.items()}) if separate_uncaptioned else None
 
-    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, features: torch.Tensor, targets: torch.Tensor,
+             n_captioned: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy averaged over every (attribute, scene) pair, times the number of scene groups
+        (captioned; uncaptioned, the rows from ``n_captioned`` on), so each group weighs about as
+        much as the captioned one alone; accuracies of the uncaptioned rows carry a ``ds_`` prefix."""
+        n = features.shape[0] if n_captioned is None else n_captioned
+        parts = [("", self.heads, slice(0, n))]
+        if n < features.shape[0]:
+            parts.append(("ds_", self.uncaptioned if self.uncaptioned is not None else self.heads,
+                          slice(n, features.shape[0])))
         feats = F.normalize(features.float(), dim=-1) * 10.0  # fixed scale: the head sees directions only
-        total, accs = feats.new_zeros(()), {}
-        for i, (name, head) in enumerate(self.heads.items()):
-            y = targets[:, i]
-            keep = y >= 0
-            if not keep.any():
-                continue
-            logits = head(feats[keep])
-            total = total + F.cross_entropy(logits, y[keep])
-            accs[name] = (logits.argmax(1) == y[keep]).float().mean().item()
-        return total / len(self.heads), accs
+        total, count, accs = feats.new_zeros(()), 0, {}
+        for prefix, heads, rows in parts:
+            for i, (name, head) in enumerate(heads.items()):
+                y = targets[rows, i]
+                keep = y >= 0
+                if not keep.any():
+                    continue
+                logits = head(feats[rows][keep])
+                total = total + F.cross_entropy(logits, y[keep]) * int(keep.sum())
+                count += int(keep.sum())
+                accs[prefix + name] = (logits.argmax(1) == y[keep]).float().mean().item()
+        return total / max(1, count) * len(parts), accs
 
 
 def param_groups(model, wd):
@@ -541,6 +556,8 @@ def main(argv=None):
                                            "12 + 12 layers); ignored with --init")
     ap.add_argument("--n-uncaptioned", type=int, default=0,
                     help="downstream-style scenes per batch for the attribute heads only (no caption)")
+    ap.add_argument("--separate-heads", action="store_true",
+                    help="own attribute heads for the uncaptioned downstream-style scenes")
     ap.add_argument("--grow", action="store_true",
                     help="with --init: grow the loaded model to --model-config / MODEL_CFG's depth, added blocks "
                          "starting as the identity (see grow())")
@@ -591,10 +608,11 @@ def main(argv=None):
         model = build_model(model_cfg, args.residual_scale)
     model.to(device)
     heads = AttributeHeads(model.text_projection.shape[1] if not isinstance(model.text_projection, torch.nn.Linear)
-                           else model.text_projection.out_features).to(device)
+                           else model.text_projection.out_features,
+                           separate_uncaptioned=args.separate_heads).to(device)
     if args.init and (Path(args.init) / HEADS_FILE).is_file():
         from safetensors.torch import load_file
-        heads.load_state_dict(load_file(str(Path(args.init) / HEADS_FILE)))
+        heads.load_state_dict(load_file(str(Path(args.init) / HEADS_FILE)), strict=False)  # new heads stay fresh
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M", flush=True)
     loss_fn = open_clip.loss.ClipLoss()
@@ -633,7 +651,7 @@ def main(argv=None):
             imf = F.normalize(im_raw[:len(caps)].float(), dim=-1)  # captioned images only
             txf = F.normalize(encode_text_truncated(model, text).float(), dim=-1)
             loss_clip = loss_fn(imf, txf, model.logit_scale.exp())
-            loss_aux, accs = heads.loss(im_raw, attrs) if args.aux_weight > 0 else (loss_clip.new_zeros(()), {})
+            loss_aux, accs = heads.loss(im_raw, attrs, len(caps)) if args.aux_weight > 0 else (loss_clip.new_zeros(()), {})
             loss = loss_clip + args.aux_weight * loss_aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -646,7 +664,7 @@ def main(argv=None):
         ema = loss_clip.item() if ema is None else 0.95 * ema + 0.05 * loss_clip.item()
         el = time.time() - t0
         if step % 10 == 0 or step == 1:
-            acc = " ".join(f"{k[:3]} {v:.2f}" for k, v in accs.items())
+            acc = " ".join(f"{k[:6] if k.startswith('ds_') else k[:3]} {v:.2f}" for k, v in accs.items())
             print(f"step {step}/{total} clip {loss_clip.item():.3f} ema {ema:.3f} aux {loss_aux.item():.3f} [{acc}] "
                   f"lr {lr:.2e} scale {model.logit_scale.exp().item():.1f} {el:.0f}s {step / el:.2f} it/s", flush=True)
         if args.eval_every and step % args.eval_every == 0:
@@ -673,7 +691,8 @@ def main(argv=None):
                      "schedule": "cosine over steps" if args.steps else f"cosine over {args.minutes} min wall time",
                      "minutes": args.minutes, "p_grouped": args.p_grouped,
                      "aux_weight": args.aux_weight, "clip_grad": args.clip_grad, "model_cfg": model_cfg,
-                     "grown": bool(args.init and args.grow), "n_uncaptioned": args.n_uncaptioned, "residual_scale": args.residual_scale if not args.init else None,
+                     "grown": bool(args.init and args.grow), "n_uncaptioned": args.n_uncaptioned,
+                     "separate_heads": args.separate_heads, "residual_scale": args.residual_scale if not args.init else None,
                      "device": str(device) + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
                                               if device.type == "cuda" else ""),
                      "probe_curve": curve,
