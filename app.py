@@ -1,73 +1,12 @@
 #!/usr/bin/env python
-"""Start the PMPO demo: ``python app.py [--model NAME] [--pretrained TAG|PATH] [--checkpoint FILE]
-[--device auto|cpu|cuda] [--port N] [--share]``.
+"""Start the PMPO demo (Hugging Face Spaces runs this file): ``python app.py --help``.
 
-Every option can also come from the environment, which is how Hugging Face Spaces configures
-an app: PMPO_MODEL, PMPO_PRETRAINED, PMPO_CHECKPOINT, PMPO_DEVICE, PORT or GRADIO_SERVER_PORT,
-GRADIO_SERVER_NAME, and PMPO_WARMUP=0 (skip compiling UMAP in the background at start). Without a network the default backbone (ViT-B-16-quickgelu + openai) is
-replaced by the shipped offline ShapeWorld CLIP, and the page says so.
+The app itself lives in :mod:`pmpo.app` so that an installed package has it too (``pmpo app``).
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
-import os
 import sys
-import threading
-import time
-import warnings
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
-    p = argparse.ArgumentParser(description="PMPO Gradio demo (zero-shot CLIP vs. prior vs. learned prompts).")
-    p.add_argument("--model", default=env("PMPO_MODEL"),
-                   help="open_clip model name or local-dir:PATH (default: ViT-B-16-quickgelu; env PMPO_MODEL)")
-    p.add_argument("--pretrained", default=env("PMPO_PRETRAINED"),
-                   help="pretrained tag or weights file, 'none' = random init (default: openai; env PMPO_PRETRAINED)")
-    p.add_argument("--checkpoint", default=env("PMPO_CHECKPOINT"),
-                   help="prompt checkpoint (.safetensors) selected at start (env PMPO_CHECKPOINT)")
-    p.add_argument("--device", default=env("PMPO_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N (env PMPO_DEVICE)")
-    p.add_argument("--port", type=int, default=int(env("PORT") or env("GRADIO_SERVER_PORT") or 7860),
-                   help="port (env PORT or GRADIO_SERVER_PORT; default 7860)")
-    p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "0.0.0.0" if env("SPACE_ID") else "127.0.0.1"),
-                   help="address to bind (env GRADIO_SERVER_NAME)")
-    p.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    p.add_argument("-v", "--verbose", action="store_true", help="show library logs")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # open_clip logs download failures on the root logger; the app says it better in its notice.
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL, format="%(message)s")
-    if not args.verbose:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-    started = time.perf_counter()
-
-    from app.state import open_state
-    from app.ui import allowed_paths, build_demo
-    from pmpo.commands.common import resolve_device
-    from pmpo.errors import PMPOError
-
-    try:
-        state = open_state(args.model, args.pretrained, args.checkpoint, device=resolve_device(args.device))
-    except PMPOError as exc:
-        print(f"app.py: error: {exc}", file=sys.stderr)
-        return 1
-    for notice in state.notices:
-        print(f"notice: {notice}", file=sys.stderr)
-    demo = build_demo(state)
-    if os.environ.get("PMPO_WARMUP", "1") != "0":
-        from app.embeddings import warm_up
-
-        threading.Thread(target=warm_up, name="pmpo-umap-warm-up", daemon=True).start()
-    print(f"loaded {state.default_spec.label} on {state.device} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed_paths(state),
-                footer_links=["api"])
-    return 0
-
+from pmpo.app.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,22 +1,37 @@
-"""PMPO: multi-prompt, depth-partitioned prompt learning for CLIP (on open_clip)."""
+"""PMPO: multi-prompt, depth-partitioned prompt learning for CLIP (on open_clip).
+
+The public names are imported on first use (PEP 562), so that ``pmpo --help`` and the light
+modules (config, errors) start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .backbone import Backbone, load_backbone  # noqa: E402
-from .config import PMPOConfig, list_methods  # noqa: E402
-from .errors import PMPOError  # noqa: E402
-from .model import PMPOModel, build_model  # noqa: E402
-from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+_EXPORTS = {
+    "Backbone": ".backbone",
+    "load_backbone": ".backbone",
+    "PMPOConfig": ".config",
+    "list_methods": ".config",
+    "PMPOError": ".errors",
+    "PMPOModel": ".model",
+    "build_model": ".model",
+    "load_checkpoint": ".checkpoint",
+    "save_checkpoint": ".checkpoint",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = [
-    "Backbone",
-    "PMPOConfig",
-    "PMPOError",
-    "PMPOModel",
-    "build_model",
-    "list_methods",
-    "load_backbone",
-    "load_checkpoint",
-    "save_checkpoint",
-    "__version__",
-]
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pmpo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -27,9 +27,32 @@ log = logging.getLogger(__name__)
 LOCAL_DIR = "local-dir:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 RANDOM_INIT = ("", "none", "random")  # ``pretrained`` values meaning "no weights" (tests, benchmarks)
-# Where the shipped offline model lives (see checkpoints/shapeworld-clip/MODEL_CARD.md).
-SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "checkpoints"
-OFFLINE_MODEL = LOCAL_DIR + str(SHIPPED_MODELS / "shapeworld-clip")
+# Where the shipped offline model lives (see pmpo/checkpoints/shapeworld-clip/MODEL_CARD.md): inside
+# the package, so a wheel installed anywhere has it. Shipped models are also addressed by their bare
+# name (``shapeworld-clip``), which sweep files use so that they run from any directory.
+SHIPPED_MODELS = Path(__file__).resolve().parent / "checkpoints"
+OFFLINE_MODEL_NAME = "shapeworld-clip"
+OFFLINE_MODEL = LOCAL_DIR + str(SHIPPED_MODELS / OFFLINE_MODEL_NAME)
+
+
+def shipped_model_names() -> list[str]:
+    return sorted(p.name for p in SHIPPED_MODELS.iterdir() if (p / "open_clip_config.json").is_file()) \
+        if SHIPPED_MODELS.is_dir() else []
+
+
+def resolve_model_name(model: str) -> str:
+    """A shipped model's bare name -> its ``local-dir:`` path. So does a relative ``local-dir:`` path
+    that does not exist from the current directory but names a shipped folder
+    (``local-dir:checkpoints/shapeworld-clip``, the form older sweep files and checkpoints used).
+    Every other name is returned unchanged."""
+    if model in shipped_model_names():
+        return LOCAL_DIR + str(SHIPPED_MODELS / model)
+    if model.startswith(LOCAL_DIR):
+        folder = Path(model[len(LOCAL_DIR):]).expanduser()
+        shipped = SHIPPED_MODELS / folder.name
+        if not folder.is_absolute() and not folder.exists() and (shipped / "open_clip_config.json").is_file():
+            return LOCAL_DIR + str(shipped)
+    return model
 
 
 @dataclass
@@ -78,7 +101,7 @@ def _offline_hint() -> str:
     return (
         "Options: connect to the network once so the weights reach the Hugging Face cache; pass a "
         "local weights file (--pretrained /path/to/open_clip_model.safetensors); pass an open_clip "
-        f"folder (--model local-dir:/path/to/folder); or use the shipped offline model (--model {OFFLINE_MODEL})."
+        f"folder (--model local-dir:/path/to/folder); or use the shipped offline model (--model {OFFLINE_MODEL_NAME})."
     )
 
 
@@ -99,6 +122,7 @@ def load_backbone(
 
     if pretrained is not None and pretrained.strip().lower() in RANDOM_INIT:
         pretrained = None
+    model = resolve_model_name(model)
     if _is_local_dir(model):
         folder = Path(model[len(LOCAL_DIR):]).expanduser()
         if not (folder / "open_clip_config.json").is_file():
@@ -111,7 +135,8 @@ def load_backbone(
     elif model not in open_clip.list_models():
         raise BackboneLoadError(
             f"unknown open_clip model {model!r}; use a name from open_clip.list_models() "
-            f"(e.g. ViT-B-16-quickgelu) or local-dir:/path/to/folder"
+            f"(e.g. ViT-B-16-quickgelu), local-dir:/path/to/folder or a shipped model "
+            f"({', '.join(shipped_model_names()) or 'none in this copy'})"
         )
 
     force_quick_gelu = _needs_quick_gelu(model, pretrained, quick_gelu)

@@ -13,13 +13,20 @@ import logging
 import sys
 import warnings
 
+from .commands import SUMMARIES
 from .errors import PMPOError
 
 # Explicit list: a command exists because it is named here, not because something was imported.
-COMMANDS = ("predict", "train", "eval", "table", "sweep", "bench", "analyze")
+COMMANDS = tuple(SUMMARIES)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _selected_command(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser of the command named in ``argv`` (all of them when ``argv`` is None); the
+    others are listed by their summary only, so that ``pmpo --help`` imports no command module."""
     parser = argparse.ArgumentParser(
         prog="pmpo",
         description="Prompt learning for CLIP: PMPO, CoOp, KgCoOp, MaPLe and zero-shot CLIP on open_clip backbones.",
@@ -27,13 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    selected = None if argv is None else _selected_command(argv)
     for name in COMMANDS:
-        importlib.import_module(f"pmpo.commands.{name}").register(sub)
+        if argv is None or name == selected:
+            importlib.import_module(f"pmpo.commands.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=SUMMARIES[name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     # open_clip reports download failures on the root logger; we say it better in one line.
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL, format="%(message)s")

@@ -1,7 +1,7 @@
 """Model configuration: one dataclass for every method, filled from YAML presets.
 
 Zero-shot CLIP, CoOp, KgCoOp, MaPLe and PMPO differ only in a handful of options (DESIGN.md §2),
-so a method is a *preset* of :class:`PMPOConfig`, stored as YAML in ``configs/methods/``. Fields
+so a method is a *preset* of :class:`PMPOConfig`, stored as YAML in ``pmpo/configs/methods/``. Fields
 left as ``None`` are filled from the preset of ``method``; fields set explicitly win. This keeps
 ``PMPOConfig(method="coop")`` meaning "CoOp" rather than "PMPO's defaults with a different name".
 """
@@ -17,7 +17,9 @@ from typing import Any
 from .errors import InputError
 from .io import read_yaml_mapping
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Presets ship inside the package (as open_clip ships its model configs), so an installed wheel
+# has them wherever it runs from.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METHOD_DIR = CONFIG_DIR / "methods"
 
 PARTITION_NAMES = ("equal", "all", "first-half", "second-half")
@@ -114,6 +116,20 @@ class PMPOConfig:
         data = read_yaml_mapping(path, "model config")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
+
+
+def preset_file(kind: str, name: str | Path) -> Path:
+    """A YAML file given by path, or by the name of a preset shipped in ``pmpo/configs/<kind>/``
+    (``pmpo sweep tiny``): the same command works from any directory and from an installed wheel.
+    A path that exists wins over a preset of the same name."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / kind / f"{path.stem}.yaml", CONFIG_DIR / kind / path.name):
+        if path.parent in (Path("."), Path("configs") / kind, Path("pmpo") / "configs" / kind) and candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+    raise InputError(f"{kind} file {str(name)!r} not found (neither a file nor a shipped preset: {', '.join(shipped) or 'none'})")
 
 
 def list_methods() -> list[str]:

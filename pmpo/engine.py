@@ -144,8 +144,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def train_preset_path(method: str, protocol: str) -> Path:
-    """``configs/train/<method>_<protocol>.yaml`` when a method has its own recipe (CoOp), else
-    ``configs/train/<protocol>.yaml`` (MaPLe's recipe, shared by PMPO and MaPLe)."""
+    """``pmpo/configs/train/<method>_<protocol>.yaml`` when a method has its own recipe (CoOp), else
+    ``pmpo/configs/train/<protocol>.yaml`` (MaPLe's recipe, shared by PMPO and MaPLe)."""
     own = TRAIN_CONFIG_DIR / f"{method}_{protocol}.yaml"
     shared = TRAIN_CONFIG_DIR / f"{protocol}.yaml"
     if own.is_file():

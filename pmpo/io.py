@@ -6,23 +6,37 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from safetensors.torch import save_file
 
 from .errors import InputError
 
+if TYPE_CHECKING:
+    import torch
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+# Read once at import (os.umask can only be read by setting it, which is not thread-safe later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def give_normal_mode(path: str | os.PathLike) -> None:
+    """``mkstemp`` creates files readable by their owner only (0600); a result or a checkpoint
+    should get the mode any other file the user writes gets (0666 minus the umask)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
+def atomic_save_safetensors(tensors: dict[str, "torch.Tensor"], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Write to a temp file in the same folder, then rename: a crash never leaves a half file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        give_normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

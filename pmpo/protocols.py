@@ -42,6 +42,7 @@ from .data import (
 )
 from .engine import LAST_CHECKPOINT, TrainConfig, derive_seed, evaluate, seed_everything, train
 from .errors import InputError
+from .io import give_normal_mode
 from .model import PMPOModel, build_model
 
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization")
@@ -87,6 +88,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)
+        give_normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

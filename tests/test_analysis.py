@@ -71,7 +71,7 @@ def assert_outputs(out: Path, *stems: str, csvs: tuple[str, ...] = ()) -> None:
     {"visual_pass": "per_prompt"},
 ])
 def test_attention_rows_and_rollout_rows_sum_to_one(backbone, kw):
-    from analysis import attention_atlas as aa
+    from pmpo.analysis import attention_atlas as aa
 
     model = make(backbone, **kw)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -95,7 +95,7 @@ def test_attention_rows_and_rollout_rows_sum_to_one(backbone, kw):
 
 def test_rollout_matches_abnar_zuidema_without_prompts(backbone):
     """No prompts: rollout = product of (0.5·A + 0.5·I) over layers, first layer rightmost."""
-    from analysis import attention_atlas as aa
+    from pmpo.analysis import attention_atlas as aa
 
     model = make(backbone, "zeroshot")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -110,7 +110,7 @@ def test_rollout_matches_abnar_zuidema_without_prompts(backbone):
 
 
 def test_rollout_gives_prompts_no_mass_when_nobody_attends_to_them():
-    from analysis.attention_atlas import SlotLayout, attention_rollout
+    from pmpo.analysis.attention_atlas import SlotLayout, attention_rollout
 
     n_tokens, k, layers = 3, 2, 3
     attns = []
@@ -129,7 +129,7 @@ def test_rollout_gives_prompts_no_mass_when_nobody_attends_to_them():
 
 
 def test_prompt_mass_follows_the_partition(backbone):
-    from analysis import attention_atlas as aa
+    from pmpo.analysis import attention_atlas as aa
 
     model = make(backbone)  # equal partition of 12 layers into 4 segments
     x = torch.randn(2, 3, 32, 32)
@@ -168,7 +168,7 @@ def test_attention_atlas_cli(tiny_model, image_root, tmp_path):
 
 
 def test_attention_atlas_on_unprompted_model_uses_layer_groups(tiny_model, image_root, tmp_path):
-    from analysis import attention_atlas
+    from pmpo.analysis import attention_atlas
 
     out = tmp_path / "zs"
     images = [str(next((image_root / "test" / c).iterdir())) for c in CLASSES]
@@ -184,7 +184,7 @@ def test_attention_atlas_on_unprompted_model_uses_layer_groups(tiny_model, image
 
 def test_prompt_words_reads_init_phrase_back(backbone, tiny_model, tmp_path):
     """Context initialised from "a photo of a": position 2 of every prompt is nearest to "photo"."""
-    from analysis import prompt_words
+    from pmpo.analysis import prompt_words
 
     ckpt = tmp_path / "prompts.safetensors"
     make(backbone, n_prompts=2, n_ctx=4).save(str(ckpt))
@@ -209,7 +209,7 @@ def test_prompt_words_reads_init_phrase_back(backbone, tiny_model, tmp_path):
 
 
 def test_nearest_tokens_moves_with_the_vector(backbone):
-    from analysis.prompt_words import nearest_tokens
+    from pmpo.analysis.prompt_words import nearest_tokens
 
     model = make(backbone)
     vocab = model.text.token_embedding_matrix.detach()
@@ -232,7 +232,7 @@ def test_prompt_words_refuses_models_without_prompts(tiny_model, tmp_path, capsy
 # --- prompt geometry --------------------------------------------------------------------------------
 
 def test_similarity_matrix_and_spread(backbone):
-    from analysis.prompt_geometry import class_embeddings, class_spread, similarity_matrix
+    from pmpo.analysis.prompt_geometry import class_embeddings, class_spread, similarity_matrix
 
     model = make(backbone, ctx_init=["a photo of a", "a drawing of a", "", "an image of"])
     names, emb = class_embeddings(model, CLASSES)
@@ -248,7 +248,7 @@ def test_similarity_matrix_and_spread(backbone):
 
 
 def test_prompt_geometry_cli(tiny_model, tmp_path):
-    from analysis import prompt_geometry
+    from pmpo.analysis import prompt_geometry
 
     out = tmp_path / "geo"
     code = prompt_geometry.main([*model_args(tiny_model, out), "--classes", ",".join(CLASSES + ["cat", "dog"]),
@@ -267,8 +267,8 @@ def test_prompt_geometry_cli(tiny_model, tmp_path):
 def test_embedding_clusters_silhouette_is_sklearns(backbone, tiny_model, image_root, tmp_path):
     from sklearn.metrics import silhouette_score
 
-    from analysis import embedding_clusters
-    from analysis.common import image_tensor
+    from pmpo.analysis import embedding_clusters
+    from pmpo.analysis.common import image_tensor
     from pmpo.data import build_dataset
 
     model = make(backbone)
@@ -302,7 +302,7 @@ def test_embedding_clusters_need_labels(tiny_model, image_root, tmp_path, capsys
 
 
 def test_analyze_command_lists_every_analysis():
-    import analysis
+    from pmpo import analysis
     from pmpo.commands import analyze
 
     assert analyze.ANALYSES == analysis.ANALYSES
@@ -347,7 +347,7 @@ def synthetic_sweep(root: Path) -> dict:
 
 
 def test_ablation_plot_from_result_files(tmp_path):
-    from analysis import ablations
+    from pmpo.analysis import ablations
 
     runs = synthetic_sweep(tmp_path / "runs")
     write_result(tmp_path / "runs" / "other", "coop", 1, {"base": 1.0, "new": 1.0}, BASE_CFG)  # not an ablation run
@@ -371,7 +371,7 @@ def test_ablation_plot_from_result_files(tmp_path):
 
 
 def test_ablation_sweep_runs_and_resumes(tiny_model, image_root, tmp_path, capsys):
-    from analysis import ablations
+    from pmpo.analysis import ablations
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(json.dumps({  # JSON is YAML
@@ -394,7 +394,7 @@ def test_ablation_sweep_runs_and_resumes(tiny_model, image_root, tmp_path, capsy
 
 
 def test_ablation_sweep_rejects_unknown_factor(tmp_path, capsys):
-    from analysis import ablations
+    from pmpo.analysis import ablations
 
     sweep = tmp_path / "bad.yaml"
     sweep.write_text("protocol: base2new\ndataset: shapeworld\nfactors:\n  n_promptz: [1, 2]\n")
@@ -403,9 +403,9 @@ def test_ablation_sweep_rejects_unknown_factor(tmp_path, capsys):
 
 
 def test_shipped_ablation_sweep_is_valid():
-    from analysis.ablations import REPO, load_sweep, variants
+    from pmpo.analysis.ablations import load_sweep, variants
 
-    sweep = load_sweep(REPO / "configs" / "ablations" / "shapeworld.yaml")
+    sweep = load_sweep("shapeworld")
     names = [v.name for v in variants(sweep)]
     assert names[0] == "base" and len(names) == len(set(names))
     assert {"n_prompts", "partition", "coupling", "alpha"} <= set(sweep.factors)
@@ -415,7 +415,7 @@ def test_shipped_ablation_sweep_is_valid():
 # --- tables -----------------------------------------------------------------------------------------
 
 def test_tables_from_result_files(tmp_path):
-    from analysis import tables
+    from pmpo.analysis import tables
 
     res = tmp_path / "results"
     accs = {("pmpo", "dtd"): [(80.0, 60.0), (82.0, 62.0)], ("coop", "dtd"): [(81.0, 50.0), (83.0, 52.0)],
@@ -442,7 +442,7 @@ def test_tables_from_result_files(tmp_path):
 
 
 def test_tables_reject_missing_protocol(tmp_path, capsys):
-    from analysis import tables
+    from pmpo.analysis import tables
 
     write_result(tmp_path / "r", "pmpo", 1, {"base": 1.0, "new": 2.0}, {})
     assert tables.main([str(tmp_path / "r"), "--protocol", "domain_generalization", "--out", str(tmp_path / "o")]) == 1

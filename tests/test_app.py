@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from app import attention, benchmarks, classify, embeddings, inputs
-from app import state as app_state
-from app import train as train_tab
-from app.state import UNTRAINED, AppState, BackboneSpec, LRU, example_images, label_from_filename, open_state
+from pmpo.app import attention, benchmarks, classify, embeddings, inputs
+from pmpo.app import state as app_state
+from pmpo.app import train as train_tab
+from pmpo.app.state import UNTRAINED, AppState, BackboneSpec, LRU, example_images, label_from_filename, open_state
 from pmpo import PMPOConfig, build_model
 from pmpo.errors import CheckpointError, InputError
 
@@ -237,7 +237,7 @@ def test_prompt_attention_is_zero_before_the_first_prompted_layer(state, picture
     backbone = state.backbone()
     model = build_model(PMPOConfig(method="pmpo", model=backbone.model_name, pretrained="none", partition="second-half"),
                         backbone=backbone)
-    from app.state import LoadedModel
+    from pmpo.app.state import LoadedModel
 
     entry = LoadedModel(model.eval(), "second-half", state.default_spec)
     maps = attention.attention_maps(state, entry, Image.open(pictures[1]), CLASSES, TEMPLATES)
@@ -372,7 +372,7 @@ def test_holdout_keeps_one_in_four_per_class_and_never_a_lone_image(tmp_path):
 
 
 def test_example_training_set_is_labelled_by_file_name(tmp_path):
-    from app.state import EXAMPLE_CLASSES, EXAMPLE_TRAIN_PER_CLASS, example_training_images
+    from pmpo.app.state import EXAMPLE_CLASSES, EXAMPLE_TRAIN_PER_CLASS, example_training_images
 
     paths = example_training_images(tmp_path)
     assert len(paths) == len(EXAMPLE_CLASSES) * EXAMPLE_TRAIN_PER_CLASS and all(Path(p).is_file() for p in paths)
@@ -430,7 +430,7 @@ def test_benchmarks_show_reference_and_own_results(tmp_path):
 
 # --- the offline model, when this copy has it ------------------------------------------------------
 
-@pytest.mark.skipif(not app_state.offline_model_present(), reason="checkpoints/shapeworld-clip is not in this copy yet")
+@pytest.mark.skipif(not app_state.offline_model_present(), reason="pmpo/checkpoints/shapeworld-clip is not in this copy yet")
 def test_offline_model_classifies_examples(tmp_path):
     st = open_state(app_state.OFFLINE_MODEL, None, device="cpu", cache_dir=tmp_path)
     paths = example_images(tmp_path / "examples")

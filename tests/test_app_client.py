@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.launcher import launch, stop
+from pmpo.app.launcher import launch, stop
 
 
 def launch_app(model: str, cache_dir: Path):

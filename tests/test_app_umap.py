@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app import embeddings
+from pmpo.app import embeddings
 
 
 def test_umap_separates_clusters_and_is_deterministic():

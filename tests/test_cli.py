@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from pmpo.cli import main
@@ -116,3 +117,31 @@ def test_torchrun_two_processes_match_one(tiny_model, tree, tmp_path):
     assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], abs=1e-4)
     a, b = load_file(str(tmp_path / "one" / "last.safetensors")), load_file(str(tmp_path / "two" / "last.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_help_lists_every_command_without_importing_torch():
+    code = ("import sys; from pmpo.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'LIGHT')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("LIGHT")
+    for name in ("predict", "train", "eval", "table", "sweep", "bench", "analyze", "app"):
+        assert name in proc.stdout
+
+
+def test_results_get_the_users_file_mode(tmp_path):
+    from pmpo.io import atomic_save_safetensors
+    from pmpo.protocols import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        import pmpo.io
+
+        pmpo.io._UMASK = 0o022
+        write_json_atomic(tmp_path / "result.json", {"a": 1})
+        atomic_save_safetensors({"x": torch.zeros(2)}, tmp_path / "prompts.safetensors", {})
+    finally:
+        os.umask(old)
+    for name in ("result.json", "prompts.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name  # mkstemp alone gives 0600

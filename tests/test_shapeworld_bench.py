@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pmpo import PMPOConfig, build_model
-from pmpo.backbone import OFFLINE_MODEL, load_backbone
+from pmpo.backbone import OFFLINE_MODEL, load_backbone, resolve_model_name
 from pmpo.cli import main
 from pmpo.data import build_dataset, harmonic_mean, resolve_dataset_name, sample_few_shot, subsample_classes
 from pmpo.data import datasets as datasets_module
@@ -19,8 +19,8 @@ from pmpo.data import shapeworld as sw
 from pmpo.errors import BackboneLoadError, InputError
 
 REPO = Path(__file__).resolve().parent.parent
-SWEEP = REPO / "configs" / "sweeps" / "shapeworld.yaml"
-ABLATIONS = REPO / "configs" / "sweeps" / "shapeworld_ablations.yaml"
+SWEEP = REPO / "pmpo" / "configs" / "sweeps" / "shapeworld.yaml"
+ABLATIONS = REPO / "pmpo" / "configs" / "sweeps" / "shapeworld_ablations.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_benchmark_sweep_runs_five_methods_with_one_recipe(shipped_backbone):
     sweep, built = _sweep_models(SWEEP, shipped_backbone)
     assert sweep.protocol == "base2new" and sweep.shots == 16 and sweep.seeds == [1, 2, 3]
     assert sweep.datasets == ["shapeworld"] and sweep.targets == ["shapeworld_sketch"]
-    assert Path(sweep.model.removeprefix("local-dir:")).resolve() == Path(OFFLINE_MODEL.removeprefix("local-dir:"))
+    assert resolve_model_name(sweep.model) == OFFLINE_MODEL  # the shipped model, from any directory
     assert [m.method for m in sweep.methods] == ["zeroshot", "coop", "kgcoop", "maple", "pmpo"]
     recipes = {name: {k: v for k, v in train.to_dict().items() if k != "seed"} for name, (_, train) in built.items()}
     assert all(r == recipes["pmpo"] for r in recipes.values()), recipes  # CoOp's 200-epoch preset overridden

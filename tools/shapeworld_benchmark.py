@@ -5,7 +5,7 @@ docs/SHAPEWORLD.md (between the ``<!-- shapeworld:... -->`` markers).
     python tools/shapeworld_benchmark.py --tables-only   # only rewrite the tables from finished runs
     python tools/shapeworld_benchmark.py --probe-only    # only the linear-probe reference (no training)
 
-Running is ``pmpo sweep`` on configs/sweeps/shapeworld.yaml and shapeworld_ablations.yaml
+Running is ``pmpo sweep`` on pmpo/configs/sweeps/shapeworld.yaml and shapeworld_ablations.yaml
 (finished runs are skipped, so after retraining the offline model delete ``runs/shapeworld``
 first); tables are ``pmpo table``'s (mean ± std over seeds, HM of the seed-averaged base/new).
 This script only adds what the doc needs beside them: which model produced the numbers, the
@@ -34,7 +34,7 @@ from pmpo.errors import PMPOError  # noqa: E402
 from pmpo.protocols import RESULT_FILE, run_dir  # noqa: E402
 from pmpo.results import build_tables, load_results, render  # noqa: E402
 
-SWEEPS = (REPO / "configs" / "sweeps" / "shapeworld.yaml", REPO / "configs" / "sweeps" / "shapeworld_ablations.yaml")
+SWEEPS = (REPO / "pmpo" / "configs" / "sweeps" / "shapeworld.yaml", REPO / "pmpo" / "configs" / "sweeps" / "shapeworld_ablations.yaml")
 DOC = REPO / "docs" / "SHAPEWORLD.md"
 SECTIONS = ("model", "benchmark", "probe", "ablations", "times")
 

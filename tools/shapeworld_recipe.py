@@ -1,6 +1,6 @@
 """Choose the ShapeWorld benchmark's training recipe on the validation split, never on test.
 
-The benchmark (``configs/sweeps/shapeworld.yaml``) trains every method with one recipe. This
+The benchmark (``pmpo/configs/sweeps/shapeworld.yaml``) trains every method with one recipe. This
 script trains each learnable method of that sweep file with each candidate (epochs × lr ×
 batch size) on the base classes of one seed's 16-shot draw — the very draw and initialisation
 the benchmark run of that seed uses — and scores the few-shot **val** images of the base and
@@ -92,7 +92,7 @@ def choose(rows: Sequence[dict], keys: Sequence[str]) -> tuple[dict, list[dict]]
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", default=str(REPO / "configs" / "sweeps" / "shapeworld.yaml"))
+    p.add_argument("--sweep", default=str(REPO / "pmpo" / "configs" / "sweeps" / "shapeworld.yaml"))
     p.add_argument("--root", help="override the sweep's data root")
     p.add_argument("--seed", type=int, default=1, help="few-shot draw and training seed (default: 1)")
     p.add_argument("--epochs", type=int, nargs="+", default=[5])

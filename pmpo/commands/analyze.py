@@ -1,4 +1,4 @@
-"""``pmpo analyze <name> ...``: the analysis toolkit (``analysis/``) from the pmpo command line.
+"""``pmpo analyze <name> ...``: the analysis toolkit (``pmpo/analysis/``) from the pmpo command line.
 
 Each analysis owns its options; this command only dispatches, and imports the analysis (and
 matplotlib, umap) only when it is asked for, so other commands stay fast to start.
@@ -10,6 +10,7 @@ import argparse
 import importlib
 
 from ..errors import InputError
+from . import SUMMARIES
 
 # Kept in step with analysis.ANALYSES (a test checks); listed here so --help works without importing it.
 ANALYSES = ("attention_atlas", "prompt_words", "prompt_geometry", "embedding_clusters", "ablations", "tables")
@@ -18,8 +19,8 @@ ANALYSES = ("attention_atlas", "prompt_words", "prompt_geometry", "embedding_clu
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
-        help="per-depth prompt analysis: figures (PNG+PDF) and their numbers (CSV)",
-        description="Run one analysis of analysis/ (same as python -m analysis.<name>). "
+        help=SUMMARIES["analyze"],
+        description="Run one analysis of pmpo/analysis/ (same as python -m pmpo.analysis.<name>). "
                     "'pmpo analyze <name> --help' lists its options.",
         epilog="example: pmpo analyze attention_atlas --offline --dataset shapeworld --out figs/atlas",
     )
@@ -30,15 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _analysis_module(name: str):
     try:
-        return importlib.import_module(f"analysis.{name}")
+        return importlib.import_module(f"pmpo.analysis.{name}")
     except ModuleNotFoundError as exc:
-        if exc.name in ("analysis", f"analysis.{name}"):
-            raise InputError(
-                "the analysis package is not importable: run from the repository root, or install the "
-                "project with 'pip install -e .[analysis]'"
-            ) from exc
         if exc.name in ("matplotlib", "sklearn", "umap", "pandas"):
-            raise InputError(f"analysis needs {exc.name}: pip install -e '.[analysis]'") from exc
+            raise InputError(f"analysis needs {exc.name}: pip install 'pmpo[analysis]' (in a checkout: pip install -e '.[analysis]')") from exc
         raise
 
 

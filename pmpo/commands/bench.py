@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..bench import DEVICE_DEFAULTS, DTYPES, TRAIN_METHODS, BenchConfig, format_markdown, run_bench
 from ..errors import InputError
+from . import SUMMARIES
 
 
 def _int_list(value: str) -> tuple[int, ...]:
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         return f"default: {show(gpu[key])} on GPU, {show(cpu[key])} on CPU"
     p = sub.add_parser(
         "bench",
-        help="measure inference/training speed and memory against plain open_clip",
+        help=SUMMARIES["bench"],
         description=(
             "Measure, side by side in one process: plain open_clip encode_image (the floor), PMPO "
             "inference with cached class weights, one training step of PMPO/CoOp/MaPLe, the naive vs "

@@ -16,7 +16,7 @@ from ..errors import BackboneLoadError, InputError
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--method", default="pmpo", choices=list_methods(), help="method preset (default: pmpo)")
-    group.add_argument("--config", help="YAML config file (options as in configs/methods/*.yaml)")
+    group.add_argument("--config", help="YAML config file (options as in pmpo/configs/methods/*.yaml)")
     group.add_argument("--model", help="open_clip model name or local-dir:PATH (default: the preset's, ViT-B-16-quickgelu)")
     group.add_argument("--pretrained", help="pretrained tag (openai, laion2b_...) or weights file; 'none' = random init")
     group.add_argument("--checkpoint", help="prompt checkpoint (.safetensors) to load; its metadata names the backbone")

@@ -10,6 +10,7 @@ from .. import distributed as pdist
 from ..data import build_dataset, list_datasets, sample_few_shot, subsample_classes
 from ..engine import evaluate
 from .common import add_model_args, load_model_from_args
+from . import SUMMARIES
 
 EPILOG = """\
 examples:
@@ -21,7 +22,7 @@ examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="accuracy of a prompt checkpoint or method preset on a dataset split",
+        "eval", help=SUMMARIES["eval"],
         description="Top-1 accuracy with the eval transform (resize + center crop), class weights computed once.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -8,12 +8,13 @@ import json
 from ..data.loader import load_image
 from ..errors import InputError
 from .common import add_model_args, load_model_from_args, parse_classes
+from . import SUMMARIES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
-        help="classify images with a method preset or a prompt checkpoint",
+        help=SUMMARIES["predict"],
         description="Print the top-k classes and probabilities for each image.",
         epilog='example: pmpo predict --offline --classes "red circle,blue star" image.png',
     )

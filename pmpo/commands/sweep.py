@@ -17,16 +17,17 @@ from typing import Any
 
 
 from .. import distributed as pdist
-from ..config import PMPOConfig
+from ..config import PMPOConfig, preset_file
 from ..data import resolve_dataset_name
 from ..engine import load_train_config, train_preset_path
 from ..errors import InputError, PMPOError
 from ..io import read_yaml_mapping
 from ..protocols import PROTOCOLS, read_finished, run_dir, run_protocol
 from ..results import build_tables, load_results, render
+from . import SUMMARIES
 
 EPILOG = """\
-example sweep file (configs/sweeps/base2new_11.yaml is the full benchmark):
+example sweep file (pmpo/configs/sweeps/base2new_11.yaml is the full benchmark):
   protocol: base2new
   root: $DATA              # environment variables are expanded
   out: runs
@@ -39,9 +40,9 @@ example sweep file (configs/sweeps/base2new_11.yaml is the full benchmark):
   pretrained: openai
 
 examples:
-  pmpo sweep configs/sweeps/base2new_11.yaml --dry-run
-  pmpo sweep configs/sweeps/base2new_11.yaml
-  torchrun --nproc_per_node=8 -m pmpo sweep configs/sweeps/base2new_11.yaml
+  pmpo sweep base2new_11 --dry-run
+  pmpo sweep base2new_11
+  torchrun --nproc_per_node=8 -m pmpo sweep base2new_11
 """
 
 KEYS = {"protocol", "root", "out", "shots", "seeds", "datasets", "methods", "train", "model", "pretrained",
@@ -77,8 +78,10 @@ def _expand(value: str | None) -> str | None:
     return os.path.expanduser(os.path.expandvars(value)) if isinstance(value, str) else value
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    path = Path(path)
+def load_sweep(path: str | Path, root: str | None = None, out: str | None = None) -> Sweep:
+    """Read and check a sweep file (a path, or the name of a preset in pmpo/configs/sweeps/);
+    ``root`` / ``out`` replace the file's (the command line's --root / --out)."""
+    path = preset_file("sweeps", path)
     data = read_yaml_mapping(path, "sweep file")
     unknown = sorted(set(data) - KEYS)
     if unknown:
@@ -89,9 +92,9 @@ def load_sweep(path: str | Path) -> Sweep:
     protocol = data.get("protocol", "base2new")
     if protocol not in PROTOCOLS:
         raise InputError(f"{path}: protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    root = _expand(str(data["root"]))
+    root = _expand(str(root or data["root"]))
     if "$" in root:
-        raise InputError(f"{path}: root {data['root']!r} names an unset environment variable")
+        raise InputError(f"{path}: root {data['root']!r} names an unset environment variable (or pass --root)")
     methods = []
     for m in data["methods"]:
         if isinstance(m, str):
@@ -109,7 +112,7 @@ def load_sweep(path: str | Path) -> Sweep:
     seeds = data.get("seeds", [1, 2, 3])
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     return Sweep(
-        protocol=protocol, root=root, out=_expand(str(data.get("out", "runs"))), shots=data.get("shots", 16),
+        protocol=protocol, root=root, out=_expand(str(out or data.get("out", "runs"))), shots=data.get("shots", 16),
         seeds=[int(s) for s in seeds], datasets=[resolve_dataset_name(d) for d in data["datasets"]],
         methods=methods, train=data.get("train") or {}, model=data.get("model"), pretrained=data.get("pretrained"),
         targets=data.get("targets"), target_root=_expand(data.get("target_root")),
@@ -119,11 +122,11 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "sweep", help="run datasets × methods × seeds from a YAML file (resumable)",
+        "sweep", help=SUMMARIES["sweep"],
         description="Run every combination of a sweep file; finished runs are skipped, unfinished ones resumed.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("sweep", help="sweep YAML (e.g. configs/sweeps/base2new_11.yaml)")
+    p.add_argument("sweep", help="sweep YAML (e.g. pmpo/configs/sweeps/base2new_11.yaml)")
     p.add_argument("--root", help="override the data root of the file")
     p.add_argument("--out", help="override the output root of the file")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -133,8 +136,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sweep = load_sweep(args.sweep)
-    root, out = args.root or sweep.root, args.out or sweep.out
+    sweep = load_sweep(args.sweep, root=args.root, out=args.out)
+    root, out = sweep.root, sweep.out
     jobs = [(d, m, s) for d in sweep.datasets for m in sweep.methods for s in sweep.seeds]
     if args.dry_run:
         for d, m, s in jobs:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..protocols import PROTOCOLS
 from ..results import FORMATS, build_tables, load_results, render
+from . import SUMMARIES
 
 EPILOG = """\
 examples:
@@ -19,7 +20,7 @@ examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "table", help="tables (mean ± std over seeds) from result.json files",
+        "table", help=SUMMARIES["table"],
         description="Aggregate runs per protocol, dataset and method; base-to-new HM is the HM of the "
                     "seed-averaged base and new accuracies; best value per dataset in bold.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -11,12 +11,13 @@ from ..engine import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig, load_train
 from ..errors import BackboneLoadError, InputError
 from ..protocols import PROTOCOLS, run_dir, run_protocol
 from .common import add_model_args, config_from_args, offline_fallback
+from . import SUMMARIES
 
 EPILOG = """\
 examples:
   # base-to-new on DTD with PMPO (MaPLe's recipe: 5 epochs, batch 4), seed 1
   pmpo train --dataset dtd --root $DATA --protocol base2new --shots 16 --seed 1 --method pmpo
-  # CoOp with its own recipe (configs/train/coop_base2new.yaml is picked automatically)
+  # CoOp with its own recipe (pmpo/configs/train/coop_base2new.yaml is picked automatically)
   pmpo train --dataset dtd --root $DATA --method coop
   # a killed run continues from its last finished epoch
   pmpo train --dataset dtd --root $DATA --method pmpo --resume
@@ -27,7 +28,7 @@ examples:
 
 The run folder is <out>/<protocol>/<dataset>/<name>/shots_<K>/seed_<S> (or --run-dir) and
 receives result.json, last.safetensors (prompts), metrics.jsonl and train_state.safetensors.
-Training presets: configs/train/<method>_<protocol>.yaml, else configs/train/<protocol>.yaml.
+Training presets: pmpo/configs/train/<method>_<protocol>.yaml, else pmpo/configs/train/<protocol>.yaml.
 """
 
 
@@ -61,7 +62,7 @@ def train_config_from_args(args: argparse.Namespace, method: str, protocol: str,
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train prompts under a protocol and write result.json",
+        "train", help=SUMMARIES["train"],
         description="Sample K shots per class with the seed, train the prompts (last epoch, no model "
                     "selection) and evaluate as the protocol says (DESIGN.md section 3).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

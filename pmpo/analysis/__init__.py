@@ -1,7 +1,7 @@
 """Per-depth prompt analysis and publication-ready figures and tables for PMPO.
 
 Every analysis is a module with ``add_arguments(parser)`` and ``run(args) -> list[Path]``, runnable
-as ``python -m analysis.<name>`` or ``pmpo analyze <name>``; each writes PNG + PDF figures and the
+as ``python -m pmpo.analysis.<name>`` or ``pmpo analyze <name>``; each writes PNG + PDF figures and the
 numbers behind them as CSV into ``--out``. They use only pmpo's public API, so they run the same
 on the shipped ShapeWorld CLIP and on real CLIP checkpoints.
 """
@@ -27,4 +27,4 @@ def get(name: str) -> ModuleType:
         from pmpo.errors import InputError
 
         raise InputError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)}")
-    return importlib.import_module(f"analysis.{name}")
+    return importlib.import_module(f"pmpo.analysis.{name}")

@@ -192,8 +192,8 @@ def denormalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 def main_for(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
              run: Callable[[argparse.Namespace], list[Path]], description: str,
              argv: Sequence[str] | None = None) -> int:
-    """``python -m analysis.<name>``: parse, run, print the files written; user errors are one line."""
-    parser = argparse.ArgumentParser(prog=f"python -m analysis.{name}", description=description)
+    """``python -m pmpo.analysis.<name>``: parse, run, print the files written; user errors are one line."""
+    parser = argparse.ArgumentParser(prog=f"python -m pmpo.analysis.{name}", description=description)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -18,7 +18,8 @@ from pmpo.errors import InputError
 
 from .inputs import split_lines_or_commas
 
-ROOT = Path(__file__).resolve().parent.parent
+# Result folders are read relative to the directory the app runs in (the Space's checkout; a user's
+# project folder), not to where the package is installed.
 RESULT_DIRS = ("results", "docs/results", "runs")
 
 
@@ -31,7 +32,7 @@ class BenchView:
 
 
 def default_dirs() -> list[str]:
-    return [d for d in RESULT_DIRS if (ROOT / d).is_dir()] or [RESULT_DIRS[0]]
+    return [d for d in RESULT_DIRS if (Path.cwd().resolve() / d).is_dir()] or [RESULT_DIRS[0]]
 
 
 def reference_frame() -> pd.DataFrame:
@@ -78,8 +79,8 @@ def resolve_dirs(text: str) -> list[Path]:
     dirs = []
     for part in split_lines_or_commas(text or ""):
         path = Path(part).expanduser()
-        path = (path if path.is_absolute() else ROOT / path).resolve()
-        if not path.is_relative_to(ROOT) and os.environ.get("SPACE_ID"):
+        path = (path if path.is_absolute() else Path.cwd().resolve() / path).resolve()
+        if not path.is_relative_to(Path.cwd().resolve()) and os.environ.get("SPACE_ID"):
             raise InputError(f"On a public Space only folders inside the project can be read, not {part!r}.")
         dirs.append(path)
     if not dirs:
@@ -92,7 +93,7 @@ def build_view(text: str) -> BenchView:
     ref = reference_frame()
     ours, n_files = result_frame(dirs)
     status = (f"{len(ref)} reference rows; {n_files} result.json file(s) in "
-              f"{', '.join(str(d.relative_to(ROOT)) if d.is_relative_to(ROOT) else str(d) for d in dirs)}.")
+              f"{', '.join(str(d.relative_to(Path.cwd().resolve())) if d.is_relative_to(Path.cwd().resolve()) else str(d) for d in dirs)}.")
     if not n_files:
         status += " No runs yet: the benchmark protocols (see the README) write result.json files there."
     return BenchView(status, ref, ours, comparison_figure(ref, ours))

@@ -2,7 +2,7 @@
 
 The paper body is not available, so N, the partition scheme, the coupling and the prior weight α
 are *our* choices (DESIGN.md §2); this is the tool that shows how much each one matters. A sweep
-is a YAML file (``configs/ablations/shapeworld.yaml``): a base configuration, a protocol, seeds
+is a YAML file (``pmpo/configs/ablations/shapeworld.yaml``): a base configuration, a protocol, seeds
 and ``factors`` — each factor is varied over its values with every other option at the base
 value (one factor at a time, the usual ablation table, not a full grid). Variants equal to the
 base configuration are run once and shared.
@@ -14,8 +14,8 @@ Plotting reads only ``result.json`` files (``plot`` works on any folder of them)
 stored config. Aggregation (seed means, HM of the seed-averaged base and new) is
 :mod:`pmpo.results`' own.
 
-    python -m analysis.ablations run configs/ablations/shapeworld.yaml --out runs/ablations
-    python -m analysis.ablations plot runs/ablations --out figs/ablations
+    python -m pmpo.analysis.ablations run shapeworld --out runs/ablations
+    python -m pmpo.analysis.ablations plot runs/ablations --out figs/ablations
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pmpo.config import PMPOConfig
+from pmpo.config import PMPOConfig, preset_file
 from pmpo.errors import InputError
 from pmpo.io import read_yaml_mapping
 
@@ -38,7 +38,6 @@ from . import common, style
 
 NAME = "ablations"
 DESCRIPTION = "Run a one-factor-at-a-time ablation sweep from YAML (resumable) and plot base/new/HM per factor."
-REPO = Path(__file__).resolve().parent.parent
 BASE = "base"
 SWEEP_FILE = "sweep.json"
 METRICS = {"base2new": ("base", "new", "hm"), "fewshot": ("all",)}
@@ -70,8 +69,9 @@ class Variant:
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and check a sweep YAML; every factor must be a PMPOConfig field."""
-    path = Path(path)
+    """Read and check a sweep YAML (a path, or the name of a preset in pmpo/configs/ablations/);
+    every factor must be a PMPOConfig field."""
+    path = preset_file("ablations", path)
     data = read_yaml_mapping(path, "sweep")
     known = {"name", "protocol", "dataset", "root", "shots", "seeds", "model", "train", "factors", "device"}
     unknown = sorted(set(data) - known)
@@ -196,7 +196,7 @@ def collect_points(results: Sequence[dict], factors: Sequence[str] | None = None
     named = [r for r in results if r["name"] == BASE or _factor_of(r["name"])]
     if not named:
         raise InputError("no ablation runs: result names must be 'base' or '<factor>=<value>' "
-                         "(as python -m analysis.ablations run writes them)")
+                         "(as python -m pmpo.analysis.ablations run writes them)")
     found = list(dict.fromkeys(f for r in named if (f := _factor_of(r["name"]))))
     factors = list(factors) if factors else found
     rows = {(row.dataset, row.name): row for row in aggregate(named)}
@@ -289,7 +289,7 @@ def write_points(points: Sequence[Point], out: Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     r = sub.add_parser("run", help="run the sweep of a YAML file (skips finished runs), then plot it")
-    r.add_argument("sweep", help="sweep YAML, e.g. configs/ablations/shapeworld.yaml")
+    r.add_argument("sweep", help="sweep YAML, e.g. pmpo/configs/ablations/shapeworld.yaml")
     r.add_argument("--out", default="runs/ablations", help="folder for runs and figures (default: runs/ablations)")
     r.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; run nothing")
     p = sub.add_parser("plot", help="plot from result.json files (folders are searched recursively)")

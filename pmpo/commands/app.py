@@ -1,0 +1,19 @@
+"""``pmpo app ...``: the Gradio demo from an installed package (same as ``python app.py`` in a checkout)."""
+
+from __future__ import annotations
+
+import argparse
+from . import SUMMARIES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help=SUMMARIES["app"],
+                       description="Start the PMPO Gradio demo; options as python app.py.", add_help=False)
+    p.add_argument("options", nargs=argparse.REMAINDER, help="options of the app (pmpo app --help)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..app.main import main
+
+    return main(args.options)

@@ -1,0 +1,85 @@
+"""The package as a newcomer gets it: a wheel built from the checkout, installed into a fresh
+virtual environment, used from a directory that is not the checkout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    (path,) = out.glob("pmpo-*.whl")
+    return path
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> Path:
+    """A fresh venv with the wheel installed (--no-deps); its dependencies come from this
+    interpreter's site-packages through a .pth line, which does not activate the editable install
+    of the checkout (its finder is itself a .pth file, and those run only in site directories)."""
+    root = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    return root
+
+
+def run_in(venv: Path, cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PATH=f"{venv / 'bin'}:{env.get('PATH', '')}", OMP_NUM_THREADS="1")
+    return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_wheel_carries_presets_model_app_and_analysis_and_nothing_top_level(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    for needed in ("pmpo/configs/methods/pmpo.yaml", "pmpo/configs/sweeps/tiny.yaml", "pmpo/configs/train/base2new.yaml",
+                   "pmpo/checkpoints/shapeworld-clip/open_clip_config.json",
+                   "pmpo/checkpoints/shapeworld-clip/open_clip_model.safetensors",
+                   "pmpo/app/ui.py", "pmpo/app/main.py", "pmpo/analysis/tables.py"):
+        assert needed in names, needed
+    top = {n.split("/")[0] for n in names if not n.startswith("pmpo-")}
+    assert top == {"pmpo"}, top  # no importable 'app', 'analysis' or 'tests' to collide with a user's
+
+
+def test_installed_wheel_works_from_any_directory(venv, tmp_path):
+    python = str(venv / "bin" / "python")
+    where = run_in(venv, tmp_path, python, "-c",
+                   "import pmpo, pmpo.app.ui, pmpo.analysis.tables; from pmpo import PMPOConfig;"
+                   "print(pmpo.__file__); print(PMPOConfig(method='pmpo').n_prompts)")
+    assert where.returncode == 0, where.stderr
+    path, n_prompts = where.stdout.split()
+    assert Path(path).is_relative_to(venv) and int(n_prompts) > 0  # the installed copy, presets found
+
+    helped = run_in(venv, tmp_path, str(venv / "bin" / "pmpo"), "--help")
+    assert helped.returncode == 0 and "analyze" in helped.stdout and "app" in helped.stdout
+
+    dry = run_in(venv, tmp_path, str(venv / "bin" / "pmpo"), "sweep", "tiny", "--root", str(tmp_path / "data"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "run" in dry.stdout.lower()
+
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (215, 35, 35)).save(tmp_path / "red.png")
+    pred = run_in(venv, tmp_path, str(venv / "bin" / "pmpo"), "predict", "red.png", "--offline", "--method", "zeroshot",
+                  "--classes", "red circle,blue square")
+    assert pred.returncode == 0, pred.stderr
+    assert "red circle" in pred.stdout
+
+    analyses = run_in(venv, tmp_path, str(venv / "bin" / "pmpo"), "analyze", "tables", "--help")
+    assert analyses.returncode == 0, analyses.stderr
