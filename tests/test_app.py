@@ -105,8 +105,8 @@ def test_lru_is_bounded_and_thread_safe():
 def test_models_share_one_backbone_and_are_cached(state, trained_checkpoint):
     untrained = state.model(None, UNTRAINED)
     assert state.model(None, UNTRAINED) is untrained
-    choice = state.add_checkpoint_file(trained_checkpoint)
-    assert choice in state.checkpoint_choices()
+    choice = state.add_checkpoint_file(trained_checkpoint)  # no session: offered to all (--checkpoint at start)
+    assert choice in state.checkpoint_choices() and choice in state.checkpoint_choices("anyone")
     trained = state.model(None, choice)
     assert trained.model.backbone is untrained.model.backbone
     assert not torch.equal(trained.model.prompts.ctx, untrained.model.prompts.ctx)
@@ -124,11 +124,32 @@ def test_bad_checkpoints_get_clear_errors(state, tmp_path, wide_model):
     wide = build_model(PMPOConfig(method="pmpo", model=wide_model, pretrained="none"))
     other = tmp_path / "wide.safetensors"
     wide.save(str(other))
-    choice = state.add_checkpoint_file(other)
-    with pytest.raises(CheckpointError, match="does not fit"):
-        state.model(None, choice)
+    before = state.checkpoint_choices("visitor")
+    with pytest.raises(CheckpointError, match="does not fit") as err:
+        state.add_checkpoint_file(other, name="my-wide.safetensors", session="visitor", spec=state.default_spec)
+    assert state.checkpoint_choices("visitor") == before  # refused before it was offered
+    with pytest.raises(CheckpointError) as err:
+        state.add_checkpoint_file(fake, name="upload.safetensors", session="visitor")
+    assert "upload.safetensors" in str(err.value) and str(fake) not in str(err.value)  # the user's name, not our path
     with pytest.raises(InputError, match="Unknown prompt checkpoint"):
         state.model(None, "no-such.safetensors")
+
+
+def test_uploads_belong_to_their_session_and_are_bounded(state, trained_checkpoint):
+    choice = state.add_checkpoint_file(trained_checkpoint, name="alices.safetensors", session="alice", spec=state.default_spec)
+    assert choice in state.checkpoint_choices("alice")
+    assert choice not in state.checkpoint_choices("bob") and choice not in state.checkpoint_choices()
+    assert state.model(None, choice, "alice").model.prompts is not None
+    with pytest.raises(InputError, match="Unknown prompt checkpoint"):
+        state.model(None, choice, "bob")
+    stored = state.checkpoint_path(choice, "alice")
+    for i in range(app_state.MAX_SESSION_CHECKPOINTS + 2):  # a session holds at most MAX_SESSION_CHECKPOINTS
+        state.add_checkpoint_file(trained_checkpoint, name=f"p{i}.safetensors", session="alice")
+    assert len(state.checkpoint_choices("alice")) - len(state.checkpoint_choices()) == app_state.MAX_SESSION_CHECKPOINTS
+    assert not stored.exists()  # the evicted upload's file is deleted
+    kept = [state.checkpoint_path(c, "alice") for c in state.checkpoint_choices("alice")[len(state.checkpoint_choices()):]]
+    state.drop_session("alice")  # the tab closed
+    assert not any(p.exists() for p in kept) and state.checkpoint_choices("alice") == state.checkpoint_choices()
 
 
 def test_startup_falls_back_to_offline_model_with_notice(tiny_model, monkeypatch, tmp_path):
@@ -342,7 +363,7 @@ def test_folder_paths_are_refused_on_spaces(monkeypatch, tmp_path):
 def test_training_yields_progress_and_registers_checkpoint(state, tmp_path):
     items, names = train_tab.items_from_table(_labelled_pngs(tmp_path), None)
     updates = list(train_tab.run_training(state, state.default_spec, "coop", 2, items, names, threading.Event(),
-                                          name="my prompts", poll_s=0.05))
+                                          name="my prompts", poll_s=0.05, session="trainer"))
     final = updates[-1]
     assert final.done and not final.error, final.status
     assert any(not u.done and u.history for u in updates)  # live per-step progress
@@ -350,8 +371,9 @@ def test_training_yields_progress_and_registers_checkpoint(state, tmp_path):
     # Scored on the held-out images only: zero-shot and trained, both reported on the page.
     assert final.heldout["n"] == 2 and 0 <= final.heldout["zero_shot"] <= 100 and 0 <= final.heldout["trained"] <= 100
     assert "Held-out accuracy" in final.status and f"{final.heldout['trained']:.1f}%" in final.status
-    assert Path(final.checkpoint).is_file() and final.choice in state.checkpoint_choices()
-    entry = state.model(None, final.choice)
+    assert Path(final.checkpoint).is_file() and final.choice in state.checkpoint_choices("trainer")
+    assert final.choice not in state.checkpoint_choices("someone else")
+    entry = state.model(None, final.choice, "trainer")
     assert entry.model.cfg.method == "coop"
     probs = classify.score(state, entry, [Image.open(items[0].path)], ["x"], names, TEMPLATES).probs["learned"]
     assert probs.shape == (1, 2)
@@ -440,3 +462,15 @@ def test_offline_model_classifies_examples(tmp_path):
     correct = sum(int(top[i]) == i for i in range(len(paths)))
     assert correct >= len(paths) // 2, f"zero-shot got {correct}/{len(paths)} example images right"
 
+
+
+def test_space_restricts_backbones_to_an_allow_list(state, monkeypatch, wide_model):
+    assert state.allowed_backbones() is None  # a local app loads anything
+    monkeypatch.setenv("SPACE_ID", "someone/pmpo")
+    monkeypatch.setenv("PMPO_ALLOWED_BACKBONES", f"{wide_model}, ViT-B-32+laion2b_s34b_b79k")
+    allowed = state.allowed_backbones()
+    assert allowed[0] == state.default_spec and BackboneSpec.of("ViT-B-32", "laion2b_s34b_b79k") in allowed
+    assert state.backbone(state.default_spec) is not None
+    with pytest.raises(InputError, match="only these backbones"):
+        state.backbone(BackboneSpec.of("ViT-L-14", "openai"))
+    assert state.backbone(BackboneSpec.of(wide_model, None)).image_size > 0  # listed by the owner

@@ -69,6 +69,15 @@ def test_classify_returns_tables_plot_and_json(client, images):
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
 
 
+def test_one_class_is_answered_not_crashed(client, images):
+    status, table, _, per_prompt, result = classify(client, images[:1], "red circle", top_k=3)
+    assert not status.startswith("**Error"), status
+    assert "1 image(s), 1 classes" in status and "Only one class" in status
+    assert len(table["data"]) == 1 and table["data"][0][2] == "red circle"
+    assert per_prompt["headers"] == ["image", "prompt", "vision layers", "top-1", "top-1 %"]
+    assert result["images"][0]["learned"] == [["red circle", 1.0]]
+
+
 def test_corrupt_upload_gives_message_and_app_keeps_serving(client, images, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
@@ -135,3 +144,35 @@ def test_train_streams_progress_and_offers_checkpoint(client, images):
     assert choice.startswith("trained: ") and choice in (dropdown.get("choices") and [c[0] for c in dropdown["choices"]])
     status, *_, result = classify(client, images[:1], "red circle, blue square", checkpoint=choice)
     assert result["learned"] == f"learned ({choice})", status
+    # A second visitor neither sees nor can use the first one's training.
+    from gradio_client import Client
+
+    other = Client(client.src, verbose=False)
+    assert refused(other, images, choice)
+
+
+def test_uploaded_checkpoint_is_seen_by_its_session_only(served, client, images):
+    from gradio_client import Client, handle_file
+
+    job = client.submit(train_files=[handle_file(p) for p in images[:4]], zip_file=None, method="coop", epochs=1,
+                        name="shared", api_name="/train")
+    _, _, checkpoint, _ = job.outputs()[-1] if job.result() is not None else (None,) * 4
+    uploader, visitor = Client(served[0], verbose=False), Client(served[0], verbose=False)
+    status, dropdown = uploader.predict(file=handle_file(checkpoint), api_name="/upload_checkpoint")
+    assert status.startswith("Loaded **upload: shared.safetensors**"), status
+    assert "/tmp/" not in status  # the file's name, not the server's temporary path
+    status, *_, result = classify(uploader, images[:1], "red circle, blue square", checkpoint="upload: shared.safetensors")
+    assert result["learned"] == "learned (upload: shared.safetensors)", status
+    assert refused(visitor, images, "upload: shared.safetensors")
+
+
+def refused(client, images, choice: str) -> bool:
+    """Another session asking for ``choice``: Gradio refuses a value outside that session's picker
+    (AppError), and were it let through, the app says it does not know the checkpoint."""
+    from gradio_client.exceptions import AppError
+
+    try:
+        status, *_ = classify(client, images[:1], "red circle, blue square", checkpoint=choice)
+    except AppError as exc:
+        return "not in the list of choices" in str(exc)
+    return status.startswith("**Error:**") and "Unknown prompt checkpoint" in status

@@ -83,3 +83,30 @@ def test_installed_wheel_works_from_any_directory(venv, tmp_path):
 
     analyses = run_in(venv, tmp_path, str(venv / "bin" / "pmpo"), "analyze", "tables", "--help")
     assert analyses.returncode == 0, analyses.stderr
+
+
+def test_space_upload_is_what_the_space_runs_and_nothing_else(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_space", REPO / "tools" / "deploy_space.py")
+    deploy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy)
+    # A checkout as a developer's looks after a day of work: runs, data, a venv, caches, test output.
+    for junk in ("runs/x/result.json", "data/shapeworld/a.png", ".venv/lib/x.py", "venv/bin/python",
+                 "pmpo/__pycache__/model.cpython-311.pyc", "tests/test_x.py", ".pytest_cache/v/x",
+                 "docs/screenshots/a.png", "figs/atlas.png", "outputs/o.txt", "dist/pmpo.whl"):
+        (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / junk).write_text("x")
+    for real in ("app.py", "README.md", "requirements.txt", "pmpo/__init__.py", "pmpo/configs/methods/pmpo.yaml",
+                 "pmpo/checkpoints/shapeworld-clip/open_clip_model.safetensors"):
+        (tmp_path / real).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / real).write_text("x")
+    files = deploy.space_files(tmp_path)
+    assert files == sorted(["README.md", "app.py", "pmpo/__init__.py", "pmpo/checkpoints/shapeworld-clip/open_clip_model.safetensors",
+                            "pmpo/configs/methods/pmpo.yaml", "requirements.txt"])
+    real = deploy.space_files()  # this checkout
+    assert "app.py" in real and "pmpo/checkpoints/shapeworld-clip/open_clip_model.safetensors" in real
+    assert not [f for f in real if f.startswith(("runs/", "data/", ".venv/", "tests/")) or "__pycache__" in f]
+    assert "*.safetensors filter=lfs" in deploy.SPACE_GITATTRIBUTES and "*.png filter=lfs" in deploy.SPACE_GITATTRIBUTES
+    runtime = (REPO / "requirements.txt").read_text()
+    assert "pytest" not in runtime and "playwright" not in runtime  # test tools stay off the Space

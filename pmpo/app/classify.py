@@ -112,11 +112,19 @@ def topk_headers() -> list[str]:
     return out
 
 
-def per_prompt_rows(scores: Scores, k: int = 2) -> list[list]:
+PER_PROMPT_K = 2  # each prompt's top-2 alone
+
+
+def per_prompt_k(scores: Scores, k: int = PER_PROMPT_K) -> int:
+    """The k that per_prompt_rows and per_prompt_headers both use: capped at the number of classes."""
+    return max(1, min(int(k), len(scores.classnames)))
+
+
+def per_prompt_rows(scores: Scores, k: int = PER_PROMPT_K) -> list[list]:
     """Rows: image, prompt, its vision layers, then its top-k (class, %) alone."""
     if scores.per_prompt is None:
         return []
-    k = max(1, min(k, len(scores.classnames)))
+    k = per_prompt_k(scores, k)
     p, idx = scores.per_prompt.topk(k, dim=-1)  # [N, B, k]
     rows = []
     for b, name in enumerate(scores.image_names):
@@ -129,7 +137,7 @@ def per_prompt_rows(scores: Scores, k: int = 2) -> list[list]:
     return rows
 
 
-def per_prompt_headers(k: int = 2) -> list[str]:
+def per_prompt_headers(k: int = PER_PROMPT_K) -> list[str]:
     out = ["image", "prompt", "vision layers"]
     for r in range(1, k + 1):
         out += [f"top-{r}", f"top-{r} %"]

@@ -65,6 +65,9 @@ def parse_classes(text: str, max_classes: int = MAX_CLASSES) -> ClassList:
             "use the pmpo command line for larger label sets."
         )
     notices = [f"Ignored duplicate class name(s): {', '.join(repr(d) for d in dropped[:10])}."] if dropped else []
+    if len(names) == 1:
+        notices.append(f"Only one class ({names[0]!r}): every image gets 100 % for it. Add the classes it "
+                       "should be told apart from to see what the model prefers.")
     return ClassList(names, notices)
 
 

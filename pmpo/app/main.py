@@ -10,8 +10,10 @@ replaced by the shipped offline ShapeWorld CLIP, and the page says so.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -48,11 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
     started = time.perf_counter()
 
+    def say(message: str) -> None:  # progress while the app loads (it takes seconds before the URL)
+        print(f"[{time.perf_counter() - started:5.1f} s] {message}", file=sys.stderr, flush=True)
+
+    say("starting the PMPO demo: importing torch, open_clip and gradio…")
     from pmpo.app.state import open_state
     from pmpo.app.ui import allowed_paths, build_demo
     from pmpo.commands.common import resolve_device
     from pmpo.errors import PMPOError
 
+    say(f"loading the backbone ({args.model or 'default: ViT-B-16-quickgelu + openai, else the offline model'})…")
     try:
         state = open_state(args.model, args.pretrained, args.checkpoint, device=resolve_device(args.device))
     except PMPOError as exc:
@@ -60,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for notice in state.notices:
         print(f"notice: {notice}", file=sys.stderr)
+    atexit.register(state.cleanup)
+    # SIGTERM (a Space restarting, `kill`) exits through Python so that the cleanup runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     demo = build_demo(state)
     if os.environ.get("PMPO_WARMUP", "1") != "0":
         from pmpo.app.embeddings import warm_up
 
         threading.Thread(target=warm_up, name="pmpo-umap-warm-up", daemon=True).start()
-    print(f"loaded {state.default_spec.label} on {state.device} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    say(f"loaded {state.default_spec.label} on {state.device}; building the page and starting the server…")
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed_paths(state),
                 footer_links=["api"])
     return 0

@@ -13,6 +13,8 @@ threads at once.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import logging
 import os
@@ -42,6 +44,21 @@ UNTRAINED = "untrained PMPO (init)"
 UPLOAD_PREFIX = "upload: "
 TRAINED_PREFIX = "trained: "
 CHECKPOINT_DIR = SHIPPED_MODELS  # checkpoints/*.safetensors are offered in the picker
+MAX_SESSIONS = 64  # browser sessions whose uploads / trainings are kept (least recently used go first)
+MAX_SESSION_CHECKPOINTS = 8  # per session
+
+
+def _remove_stored(path: str | Path) -> None:
+    """Delete a stored checkpoint and the one-file folder it was given."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+
+
+def _session_folder(session: str) -> str:
+    """A folder name for a session that never exposes (or trusts) the raw session hash."""
+    return "s-" + hashlib.sha256(session.encode()).hexdigest()[:16]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -172,22 +189,45 @@ class AppState:
         self.device = torch.device(device)
         self.default_spec = default_spec
         self.notices = list(notices or [])
+        # A temporary folder the app made itself is removed when the app exits (cleanup());
+        # one the user named (PMPO_CACHE_DIR, cache_dir=) is theirs and kept.
+        self.owns_cache_dir = not cache_dir and not os.environ.get("PMPO_CACHE_DIR")
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.default_choice = default_choice
         self._backbones: LRU[BackboneSpec, Backbone] = LRU(max_backbones, on_evict=self._backbone_evicted)
         self._models: LRU[tuple, LoadedModel] = LRU(max_models)
-        self._extra_checkpoints: LRU[str, str] = LRU(32, on_evict=lambda name, path: None)
+        # Checkpoints given at start (--checkpoint) are offered to everyone; uploads and in-app
+        # trainings belong to the browser session that made them, bounded per session and in sessions.
+        self._startup_checkpoints: dict[str, str] = {}
+        self._sessions: LRU[str, LRU[str, str]] = LRU(MAX_SESSIONS, on_evict=self._session_evicted)
         self._load_lock = threading.RLock()
 
     # --- backbones -----------------------------------------------------------------------------
     def add_backbone(self, spec: BackboneSpec, backbone: Backbone) -> None:
         self._backbones.put(spec, backbone)
 
+    def allowed_backbones(self) -> list[BackboneSpec] | None:
+        """On a public Space (``SPACE_ID`` set) only these backbones load, so that a visitor cannot make
+        the Space download and hold any open_clip model: the one it started with, the offline model,
+        and those of ``PMPO_ALLOWED_BACKBONES`` ("model[+pretrained], ..."). None: no restriction."""
+        if not os.environ.get("SPACE_ID"):
+            return None
+        allowed = [self.default_spec, BackboneSpec.of(OFFLINE_MODEL, None)]
+        for item in filter(None, (x.strip() for x in os.environ.get("PMPO_ALLOWED_BACKBONES", "").split(","))):
+            model, _, pretrained = item.partition("+")
+            allowed.append(BackboneSpec.of(model.strip(), pretrained.strip() or None))
+        return list(dict.fromkeys(allowed))
+
     def backbone(self, spec: BackboneSpec | None = None) -> Backbone:
         """The CLIP of ``spec``, loaded on first use and then shared."""
         spec = spec or self.default_spec
+        allowed = self.allowed_backbones()
+        if allowed is not None and spec not in allowed and spec not in self._backbones.keys():
+            names = ", ".join(a.label for a in allowed)
+            raise InputError(f"On this public Space only these backbones can be loaded: {names} "
+                             "(the Space's owner sets PMPO_ALLOWED_BACKBONES). Run the app yourself for any other.")
 
         def load() -> Backbone:
             log.info("loading backbone %s", spec.label)
@@ -201,15 +241,18 @@ class AppState:
                 self._models.pop(key)
 
     # --- checkpoints -----------------------------------------------------------------------------
-    def checkpoint_choices(self) -> list[str]:
-        """The picker's entries: the untrained init, shipped files, uploads and in-app trainings."""
+    def checkpoint_choices(self, session: str | None = None) -> list[str]:
+        """The picker's entries for one browser session: the untrained init, shipped files, the
+        checkpoint given at start, and that session's own uploads and trainings."""
         shipped = sorted(p.name for p in self.checkpoint_dir.glob("*.safetensors")) if self.checkpoint_dir.is_dir() else []
-        return [UNTRAINED, *shipped, *self._extra_checkpoints.keys()]
+        own = self._sessions.get(session).keys() if session and self._sessions.get(session) else []
+        return [UNTRAINED, *shipped, *self._startup_checkpoints, *own]
 
-    def checkpoint_path(self, choice: str) -> Path | None:
+    def checkpoint_path(self, choice: str, session: str | None = None) -> Path | None:
         if not choice or choice == UNTRAINED:
             return None
-        extra = self._extra_checkpoints.get(choice)
+        own = self._sessions.get(session) if session else None
+        extra = (own.get(choice) if own is not None else None) or self._startup_checkpoints.get(choice)
         if extra is not None:
             return Path(extra)
         path = self.checkpoint_dir / choice
@@ -217,32 +260,76 @@ class AppState:
             return path
         raise InputError(f"Unknown prompt checkpoint {choice!r}; pick one from the list or upload a .safetensors file.")
 
-    def add_checkpoint_file(self, path: str | Path, prefix: str = UPLOAD_PREFIX, name: str | None = None) -> str:
-        """Validate a prompt checkpoint (safetensors + pmpo metadata) and offer it in the picker."""
+    def add_checkpoint_file(self, path: str | Path, prefix: str = UPLOAD_PREFIX, name: str | None = None,
+                            session: str | None = None, spec: BackboneSpec | None = None) -> str:
+        """Validate a prompt checkpoint (safetensors + pmpo metadata), build its model on ``spec``
+        (so one that does not fit the backbone is refused here), and only then offer it in the
+        picker of ``session`` (of every session when ``session`` is None: the start-up checkpoint).
+        ``name`` is what the user knows the file as (never the server's temporary path)."""
         path = Path(path)
+        shown = name or path.name
         if path.suffix.lower() != ".safetensors":
             raise CheckpointError(
-                f"{path.name!r} is not a .safetensors file. Prompt checkpoints are safetensors files written by "
+                f"{shown!r} is not a .safetensors file. Prompt checkpoints are safetensors files written by "
                 "pmpo (pickled .pt/.pth files are refused on purpose)."
             )
-        read_checkpoint(path)  # raises CheckpointError with the reason
-        checkpoint_config(path)
-        stored = self.cache_dir / "checkpoints" / f"{uuid.uuid4().hex[:8]}-{path.name}"
+        try:
+            read_checkpoint(path)
+            checkpoint_config(path)
+        except CheckpointError as exc:  # the message names the path it was read from: name the user's file
+            raise CheckpointError(str(exc).replace(str(path), repr(shown))) from exc
+        folder = self.cache_dir / "checkpoints" / (_session_folder(session) if session else "startup")
+        stored = folder / uuid.uuid4().hex[:8] / Path(shown).name  # the user's file name, for downloads
         stored.parent.mkdir(parents=True, exist_ok=True)
-        if path.resolve() != stored.resolve():
-            shutil.copyfile(path, stored)
-        choice = prefix + (name or path.name)
-        self._extra_checkpoints.put(choice, str(stored))
+        shutil.copyfile(path, stored)
+        choice = prefix + Path(shown).name
+        if spec is not None:
+            try:
+                self.model(spec, choice, _path=stored)
+            except Exception:
+                _remove_stored(stored)
+                raise
+        if session is None:
+            self._startup_checkpoints[choice] = str(stored)
+            return choice
+        own = self._sessions.get(session)
+        if own is None:
+            own = LRU(MAX_SESSION_CHECKPOINTS, on_evict=lambda _choice, old: _remove_stored(old))
+            self._sessions.put(session, own)
+        replaced = own.get(choice)
+        own.put(choice, str(stored))
+        if replaced is not None and replaced != str(stored):
+            _remove_stored(replaced)  # same name uploaded again: the new file wins
         return choice
 
+    def cleanup(self) -> None:
+        """At exit: delete the temporary folder this app created (uploads, trainings, examples)."""
+        if self.owns_cache_dir:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+    def drop_session(self, session: str) -> None:
+        """A browser session ended (tab closed): forget and delete its checkpoints."""
+        own = self._sessions.pop(session)
+        if own is not None:
+            self._session_evicted(session, own)
+
+    def _session_evicted(self, session: str, own: "LRU[str, str]") -> None:
+        for _choice, stored in own.items():
+            _remove_stored(stored)
+        for key, _entry in self._models.items():
+            if key[1] in {s for _, s in own.items()}:
+                self._models.pop(key)
+
     # --- prompt models ---------------------------------------------------------------------------
-    def model(self, spec: BackboneSpec | None = None, choice: str | None = None) -> LoadedModel:
-        """The prompt model ``choice`` on backbone ``spec`` (built once, then cached)."""
+    def model(self, spec: BackboneSpec | None = None, choice: str | None = None, session: str | None = None,
+              _path: Path | None = None) -> LoadedModel:
+        """The prompt model ``choice`` (as ``session`` sees it) on backbone ``spec``, built once and
+        then cached by the file it comes from (two sessions may both have an "upload: x.safetensors")."""
         spec = spec or self.default_spec
         choice = choice or UNTRAINED
-        path = self.checkpoint_path(choice)
+        path = _path or self.checkpoint_path(choice, session)
         stamp = path.stat().st_mtime_ns if path is not None else 0
-        key = (spec, choice, stamp)
+        key = (spec, str(path) if path is not None else choice, stamp)
         return self._models.get_or_load(key, lambda: self._build(spec, choice, path), self._load_lock)
 
     def _build(self, spec: BackboneSpec, choice: str, path: Path | None) -> LoadedModel:

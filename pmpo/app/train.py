@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -240,8 +241,9 @@ def train_config(epochs: int, n_items: int, lr: float | None = None):
 
 def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, items: list[Datum],
                  classnames: list[str], stop: threading.Event, name: str | None = None,
-                 lr: float | None = None, poll_s: float = 0.5) -> Iterator[TrainUpdate]:
-    """Train in a worker thread and yield updates; the final one names the new checkpoint."""
+                 lr: float | None = None, poll_s: float = 0.5, session: str | None = None) -> Iterator[TrainUpdate]:
+    """Train in a worker thread and yield updates; the final one names the new checkpoint, which
+    only ``session`` (the browser session that trained it) is offered."""
     from pmpo.engine import evaluate, train
 
     if method not in TRAIN_METHODS:
@@ -312,10 +314,12 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
         return
     label = name.strip() if name and name.strip() else f"{method}-{len(classnames)}cls-{time.strftime('%H%M%S')}"
     label = re.sub(r"[^A-Za-z0-9_.\-]+", "-", label)[:60]
-    out = state.cache_dir / "trained" / uuid.uuid4().hex[:8] / f"{label}.safetensors"
+    written = state.cache_dir / "trained" / uuid.uuid4().hex[:8] / f"{label}.safetensors"
     model.eval()
-    model.save(str(out), classnames=",".join(classnames)[:2000], epochs=str(len(result.history)), source="pmpo app")
-    choice = state.add_checkpoint_file(out, prefix=TRAINED_PREFIX, name=out.name)
+    model.save(str(written), classnames=",".join(classnames)[:2000], epochs=str(len(result.history)), source="pmpo app")
+    choice = state.add_checkpoint_file(written, prefix=TRAINED_PREFIX, name=written.name, session=session)
+    out = state.checkpoint_path(choice, session)  # the session's copy (deleted with the session)
+    shutil.rmtree(written.parent, ignore_errors=True)
     last = result.history[-1] if result.history else {}
     heldout = None
     if held:

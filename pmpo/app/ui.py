@@ -67,6 +67,11 @@ def guarded(empty: Callable[[str], tuple]) -> Callable:
     return wrap
 
 
+def session_of(request: gr.Request | None) -> str | None:
+    """The browser (or API client) session a request comes from: uploads and trainings are its own."""
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
 def notices_md(*groups: list[str]) -> str:
     lines = [n for g in groups for n in g if n]
     return "\n\n".join(f"ℹ️ {n}" for n in lines)
@@ -78,8 +83,8 @@ def build_demo(state: AppState) -> gr.Blocks:
     train_examples = example_training_images(state.cache_dir / "train-examples")
     jobs = train_tab.TrainJobs()
 
-    def resolve(bb_model: str, bb_pretrained: str, choice: str):
-        return state.model(BackboneSpec.of(bb_model, bb_pretrained), choice or state.default_choice)
+    def resolve(bb_model: str, bb_pretrained: str, choice: str, request: gr.Request | None):
+        return state.model(BackboneSpec.of(bb_model, bb_pretrained), choice or state.default_choice, session_of(request))
 
     def task(classes_text: str, templates_text: str):
         classes = parse_classes(classes_text)
@@ -88,10 +93,10 @@ def build_demo(state: AppState) -> gr.Blocks:
 
     # --- handlers -----------------------------------------------------------------------------
     @guarded(lambda message: (pd.DataFrame(), None, pd.DataFrame(), {"error": message}))
-    def classify(files, classes_text, templates_text, checkpoint, top_k, bb_model, bb_pretrained):
+    def classify(files, classes_text, templates_text, checkpoint, top_k, bb_model, bb_pretrained, request: gr.Request):
         classes, templates = task(classes_text, templates_text)
         loaded = load_images(files)
-        entry = resolve(bb_model, bb_pretrained, checkpoint)
+        entry = resolve(bb_model, bb_pretrained, checkpoint, request)
         scores = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates)
         for n in loaded.notices + classes.notices:
             gr.Warning(n)
@@ -102,18 +107,19 @@ def build_demo(state: AppState) -> gr.Blocks:
             status,
             pd.DataFrame(classify_tab.topk_rows(scores, k), columns=classify_tab.topk_headers()),
             classify_tab.bar_chart(scores, k),
-            pd.DataFrame(classify_tab.per_prompt_rows(scores), columns=classify_tab.per_prompt_headers()),
+            pd.DataFrame(classify_tab.per_prompt_rows(scores), columns=classify_tab.per_prompt_headers(classify_tab.per_prompt_k(scores))),
             {**classify_tab.as_json(scores, k), "backbone": entry.spec.label},
         )
 
     @guarded(lambda message: (None, None))
-    def attention(files, image_name, classname, classes_text, templates_text, checkpoint, bb_model, bb_pretrained):
+    def attention(files, image_name, classname, classes_text, templates_text, checkpoint, bb_model, bb_pretrained,
+                  request: gr.Request):
         classes, templates = task(classes_text, templates_text)
         paths = [file_path(f) for f in as_list(files)]
         if image_name:
             paths = [p for p in paths if display_name(p) == image_name] or paths
         loaded = load_images(paths[:1])
-        entry = resolve(bb_model, bb_pretrained, checkpoint)
+        entry = resolve(bb_model, bb_pretrained, checkpoint, request)
         maps = attention_tab.attention_maps(state, entry, loaded.images[0], classes.names, templates, classname or None)
         status = (f"**{loaded.names[0]}**, class **{maps.classname}**, {entry.description}. Row 1: CLS→patch attention "
                   "(mean over heads and the segment's layers); row 2: cosine of each patch token with the class "
@@ -121,10 +127,10 @@ def build_demo(state: AppState) -> gr.Blocks:
         return status, attention_tab.maps_figure(maps), attention_tab.mass_figure(maps)
 
     @guarded(lambda message: (None, None))
-    def embeddings(files, method, classes_text, templates_text, checkpoint, bb_model, bb_pretrained):
+    def embeddings(files, method, classes_text, templates_text, checkpoint, bb_model, bb_pretrained, request: gr.Request):
         classes, templates = task(classes_text, templates_text)
         loaded = load_images(files)
-        entry = resolve(bb_model, bb_pretrained, checkpoint)
+        entry = resolve(bb_model, bb_pretrained, checkpoint, request)
         emb = embeddings_tab.embed(state, entry, loaded.images, loaded.paths, loaded.names, classes.names, templates, method)
         status = (f"{len(emb.frame)} points ({len(loaded.names)} images × 2 views, {len(classes.names)} classes × "
                   f"{emb.frame['source'].str.startswith('text').sum() // max(1, len(classes.names))} text sources), {method}. "
@@ -132,13 +138,16 @@ def build_demo(state: AppState) -> gr.Blocks:
         return status, emb.frame, embeddings_tab.figure(emb)
 
     @guarded(lambda message: (gr.update(),))
-    def upload_checkpoint(file, bb_model, bb_pretrained):
+    def upload_checkpoint(file, bb_model, bb_pretrained, request: gr.Request):
         if file is None:
             return "", gr.update()
-        choice = state.add_checkpoint_file(file_path(file))
-        entry = state.model(BackboneSpec.of(bb_model, bb_pretrained), choice)  # fails now if it does not fit
+        session = session_of(request)
+        spec = BackboneSpec.of(bb_model, bb_pretrained)
+        # Built before it is offered: a checkpoint that does not fit this backbone never enters the picker.
+        choice = state.add_checkpoint_file(file_path(file), name=display_name(file_path(file)), session=session, spec=spec)
+        entry = state.model(spec, choice, session)
         return (f"Loaded **{choice}**: {entry.description}. " + notices_md(entry.notices),
-                gr.update(choices=state.checkpoint_choices(), value=choice))
+                gr.update(choices=state.checkpoint_choices(session), value=choice))
 
     @guarded(lambda message: ())
     def load_backbone(bb_model, bb_pretrained):
@@ -146,8 +155,12 @@ def build_demo(state: AppState) -> gr.Blocks:
         backbone = state.backbone(spec)
         return f"Backbone ready: **{spec.label}** (image size {backbone.image_size})."
 
-    def refresh_choices(current: str):
-        choices = state.checkpoint_choices()
+    def end_session(request: gr.Request):
+        if session_of(request):
+            state.drop_session(session_of(request))
+
+    def refresh_choices(current: str, request: gr.Request):
+        choices = state.checkpoint_choices(session_of(request))
         return gr.update(choices=choices, value=current if current in choices else state.default_choice)
 
     def use_examples():
@@ -180,12 +193,14 @@ def build_demo(state: AppState) -> gr.Blocks:
             yield (f"Training **{method}** on {len(items)} images of {len(names)} classes ({', '.join(names[:8])}"
                    f"{'…' if len(names) > 8 else ''}) on {spec.label}…", None, None, gr.update())
             shown = -1
-            for upd in train_tab.run_training(state, spec, method, int(epochs), items, names, stop, name=name):
+            for upd in train_tab.run_training(state, spec, method, int(epochs), items, names, stop, name=name,
+                                              session=key):
                 figure = train_tab.history_figure(upd.history) if len(upd.history) != shown or upd.done else gr.update()
                 shown = len(upd.history)
                 if upd.error:
                     gr.Warning(upd.status)
-                dropdown = gr.update(choices=state.checkpoint_choices(), value=upd.choice) if upd.choice else gr.update()
+                dropdown = (gr.update(choices=state.checkpoint_choices(key), value=upd.choice) if upd.choice
+                            else gr.update())
                 yield (("**Error:** " if upd.error else "") + upd.status, figure, upd.checkpoint, dropdown)
         except Exception as exc:  # noqa: BLE001
             if not isinstance(exc, PMPOError):
@@ -224,6 +239,11 @@ def build_demo(state: AppState) -> gr.Blocks:
                 ckpt_upload = gr.File(label="Upload a prompt checkpoint (.safetensors)", file_count="single", height=90)
                 ckpt_status = gr.Markdown()
                 with gr.Accordion("Backbone (frozen CLIP)", open=False):
+                    allowed = state.allowed_backbones()
+                    if allowed is not None:
+                        gr.Markdown("On this public Space only these backbones load: "
+                                    + ", ".join(f"`{a.model}`" + (f" + `{a.pretrained}`" if a.pretrained else "") for a in allowed)
+                                    + ". Run the app yourself for any other.")
                     bb_model = gr.Textbox(label="open_clip model or local-dir:PATH", value=state.default_spec.model)
                     bb_pretrained = gr.Textbox(label="pretrained tag or weights file ('none' = random)",
                                                value=state.default_spec.pretrained or "")
@@ -318,6 +338,7 @@ def build_demo(state: AppState) -> gr.Blocks:
         cancel_btn.click(cancel, None, train_status, api_name="cancel_training", concurrency_limit=None)
         bench_btn.click(benchmarks, bench_dir, [bench_status, bench_ref, bench_ours, bench_plot], api_name="benchmarks")
         demo.load(refresh_choices, checkpoint, checkpoint, api_name=False)
+        demo.unload(end_session)
         demo.load(benchmarks, bench_dir, [bench_status, bench_ref, bench_ours, bench_plot], api_name=False)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
     return demo
