@@ -559,6 +559,9 @@ def train(
             "lr": lr, "images_per_s": float(epoch_stats[2]) / max(elapsed, 1e-9),
         }
         history.append(row)
+        if progress is None and dinfo.is_main:  # the command line: one line per epoch, on a TTY or in a log
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f}, train acc {row['acc']:.1f} %, lr {lr:.2e}, "
+                  f"{row['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
         if out is not None and dinfo.is_main:
             _write_jsonl(out / METRICS, step_rows + [row])
             save_train_state(state_path, model, optimizer, epoch + 1, global_step, cfg, fingerprint, history)

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -163,6 +164,14 @@ def run_protocol(
         raise InputError(f"{dataset} has no training split (it is a test-only dataset); train on another dataset")
     fewshot = sample_few_shot(splits, k if k is not None else "all", seed, cache_dir=out / "fewshot")
     source = subsample_classes(fewshot, "base") if protocol == "base2new" else fewshot
+    if k is not None:
+        counts = Counter(d.label for d in source.train)
+        short = {c: n for c, n in counts.items() if n < k}
+        missing = len(source.classnames) - len(counts)
+        if short or missing:
+            say(f"note: {k} shots asked, but {len(short) + missing} of {len(source.classnames)} classes have fewer "
+                f"training images (smallest: {min([*short.values(), *([0] if missing else [])])}); "
+                "they train on all they have")
     targets = list(targets) if targets else default_targets(protocol, dataset)
     target_splits = [build_dataset(t, target_root or root) for t in targets]  # fail early on a missing target
 

@@ -444,8 +444,22 @@ def test_benchmarks_show_reference_and_own_results(tmp_path):
     assert "2 result.json" in view.status
     row = view.ours[view.ours["Method"] == "pmpo"].iloc[0]
     assert row["Base"].startswith("81.00") and row["New"].startswith("71.00")
-    assert benchmarks.hm_by_method(view.ours)["pmpo"] == pytest.approx(2 * 81 * 71 / 152, abs=0.01)
+    groups = benchmarks.hm_groups(view.ours)
+    assert groups["shapeworld (base2new, 16 shots)"]["pmpo"] == pytest.approx(2 * 81 * 71 / 152, abs=0.01)
+    assert benchmarks.PAPER_GROUP not in groups  # one dataset is not the papers' 11-dataset average
+    assert "not comparable with the papers" in view.status and "shapeworld (base2new, 16 shots)" in view.status
     assert view.figure is not None
+    # An unrelated 2-shot run on another dataset gets its own panel; nothing averages the two.
+    run = tmp_path / "other"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({
+        "format": RESULT_FORMAT, "name": "pmpo", "method": "pmpo", "dataset": "imagefolder", "protocol": "base2new",
+        "seed": 1, "shots": 2, "accuracy": {"base": 90.0, "new": 80.0, "hm": None, "all": None},
+    }))
+    groups = benchmarks.hm_groups(benchmarks.build_view(str(tmp_path)).ours)
+    assert groups["shapeworld (base2new, 16 shots)"]["pmpo"] == pytest.approx(2 * 81 * 71 / 152, abs=0.01)  # unchanged by the other run
+    assert groups["imagefolder (base2new, 2 shots)"]["pmpo"] == pytest.approx(2 * 90 * 80 / 170, abs=0.01)
+    assert len(benchmarks.comparison_figure(view.reference, benchmarks.build_view(str(tmp_path)).ours).axes) == 3
     empty = benchmarks.build_view(str(tmp_path / "nothing-here"))
     assert empty.ours.empty and "No runs yet" in empty.status
 

@@ -38,7 +38,14 @@ def test_train_eval_table(tiny_model, tree, tmp_path, capsys):
     folder = run / "base2new" / "imagefolder" / "pmpo" / "shots_2" / "seed_1"
     result = json.loads((folder / "result.json").read_text())
     assert result["train"]["epochs"] == 2 and len(result["history"]) == 2
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    assert "epoch 1/2: loss" in err and "epoch 2/2: loss" in err  # per-epoch progress, also without a TTY
+    assert "shots asked" not in err  # every class has its 2 shots
+    assert main(["train", "--dataset", "imagefolder", "--root", str(tree), "--protocol", "base2new", "--shots", "500",
+                 "--method", "coop", "--out", str(tmp_path / "many"), *FAST, "--epochs", "1", *model_args(tiny_model)]) == 0
+    assert "note: 500 shots asked, but" in capsys.readouterr().err
+    assert main(["predict", str(next(tree.rglob("*.png"))), "--classes", "red, blue", *model_args(tiny_model)]) == 0
+    assert "untrained initialisation" in capsys.readouterr().err  # no --checkpoint: said, not silent
     assert main(["eval", "--checkpoint", str(folder / "last.safetensors"), "--dataset", "imagefolder", "--root",
                  str(tree), "--subsample", "new", "--json", "--device", "cpu"]) == 0
     evaluated = json.loads(capsys.readouterr().out)

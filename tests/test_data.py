@@ -579,9 +579,22 @@ def test_corrupt_missing_and_huge_images(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         load_image(str(tmp_path / "gone.jpg"))
 
-    assert MAX_IMAGE_PIXELS == 40_000_000
+    assert MAX_IMAGE_PIXELS == 178_000_000
     with pytest.raises(DatasetError, match="too large"):
         load_image(str(good), max_pixels=1000)
+
+
+def test_large_photos_are_downscaled_on_load_not_refused(tmp_path):
+    from PIL import Image
+
+    photo = tmp_path / "phone.jpg"
+    Image.new("RGB", (8000, 6000), (200, 30, 30)).save(photo, quality=70)  # 48 MP
+    image = load_image(str(photo))
+    assert image.width * image.height <= 16_000_000 and abs(image.width / image.height - 4 / 3) < 0.01
+    assert image.getpixel((10, 10))[0] > 150  # the picture, not a blank
+    png = tmp_path / "scan.png"
+    Image.new("RGB", (5000, 4000), (0, 0, 255)).save(png)  # 20 MP, not a JPEG: resized after decoding
+    assert load_image(str(png), downscale_above=1_000_000).size == (1118, 894)
 
 
 def test_train_crop_scale_is_configurable():

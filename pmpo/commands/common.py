@@ -79,6 +79,10 @@ def load_model_from_args(args: argparse.Namespace):
     else:
         cfg = config_from_args(args)
         model = build_model(cfg, device=device, backbone=load_backbone_from_args(cfg, args, device))
+        if cfg.n_prompts > 0:
+            print(f"note: no --checkpoint, so the {cfg.method} prompts are an untrained initialisation, not learned "
+                  "ones; pass --checkpoint prompts.safetensors (pmpo train writes one), or --method zeroshot",
+                  file=sys.stderr)
     print(f"loaded {model.cfg.method} on {model.backbone.description} [{device}]", file=sys.stderr)
     return model
 

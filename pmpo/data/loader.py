@@ -8,6 +8,8 @@ expands to gigapixels) would otherwise exhaust memory.
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -18,29 +20,45 @@ from torchvision.transforms import functional as TF
 from pmpo.data.datasets import Datum
 from pmpo.errors import DatasetError
 
-# About 40 megapixels (e.g. 8000 x 5000): far above any benchmark image, far below what could
-# exhaust memory. Checked from the header, before pixel data is decoded.
-MAX_IMAGE_PIXELS = 40_000_000
+# The hard guard against decompression bombs (a tiny file that expands to gigapixels), checked
+# from the header before pixel data is decoded: 178 megapixels, just under the point where PIL
+# itself refuses a file, so that 50-200 MP phone photos are not refused.
+MAX_IMAGE_PIXELS = 178_000_000
+# Anything larger is downscaled on load (CLIP sees 224 px; the app shows a few hundred). JPEGs
+# are decoded at reduced scale (draft mode), so a 48 MP photo never occupies 48 MP of memory.
+DOWNSCALE_ABOVE_PIXELS = 16_000_000
 
 
-def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open ``path`` as an RGB PIL image, fully decoded (so the file handle is closed).
+def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS,
+               downscale_above: int = DOWNSCALE_ABOVE_PIXELS) -> Image.Image:
+    """Open ``path`` as an RGB PIL image, fully decoded (so the file handle is closed), downscaled
+    to at most ``downscale_above`` pixels (aspect kept).
 
     Raises DatasetError when the file is missing, unreadable, not an image, truncated or
     larger than ``max_pixels``.
     """
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own guard decides
             width, height = im.size
             if width * height > max_pixels:
                 raise DatasetError(
                     f"Image too large: {path} is {width}x{height} = {width * height:,} pixels; the "
                     f"limit is {max_pixels:,} (a guard against decompression bombs). Resize it."
                 )
+            target = None
+            if width * height > downscale_above:
+                factor = math.sqrt(downscale_above / (width * height))
+                target = (max(1, int(width * factor)), max(1, int(height * factor)))
+                if im.format == "JPEG":
+                    im.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale, no smaller than target
             im.load()
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
-            return im.convert("RGB")
+            im = im.convert("RGB")
+            if target is not None and im.width * im.height > downscale_above:
+                im = im.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            return im
     except DatasetError:
         raise
     except FileNotFoundError as e:
