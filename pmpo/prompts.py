@@ -7,6 +7,8 @@ the vision tower sees at each layer by :meth:`PromptLearner.visual_schedule`.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Callable
 
 import torch
@@ -102,7 +104,16 @@ class PromptLearner(nn.Module):
                 count = len(layers)
             else:
                 count = n if cfg.coupling == "per_prompt" else 1
-            self.couplings.extend(nn.Linear(text_width, vision_width) for _ in range(count))
+            if cfg.coupling == "per_layer" and count > 1:
+                # As MaPLe builds them: the first prompted layer's coupling on its own, every deeper
+                # layer's a deep copy of one Linear (multimodal-prompt-learning, trainers/maple.py:
+                # `compound_prompt_projections = _get_clones(single_layer, depth - 1)`), so the deep
+                # couplings start identical and only training tells them apart.
+                first, deep_one = nn.Linear(text_width, vision_width), nn.Linear(text_width, vision_width)
+                self.couplings.append(first)
+                self.couplings.extend(copy.deepcopy(deep_one) for _ in range(count - 1))
+            else:
+                self.couplings.extend(nn.Linear(text_width, vision_width) for _ in range(count))
 
     @staticmethod
     def _init_ctx(init, n: int, m: int, width: int, embed: Callable[[str], torch.Tensor]) -> torch.Tensor:

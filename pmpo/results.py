@@ -86,8 +86,9 @@ class Stat:
         if not vals:
             return Stat(None)
         mean = sum(vals) / len(vals)
-        # Sample std (n-1), as numpy's std(ddof=1); 0 for one seed.
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        # Population std over seeds (ddof 0), as CoOp's parse_test_res.py (np.std) reports it, so
+        # that our "mean ± std" cells read like the papers'.
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
         return Stat(mean, std)
 
 

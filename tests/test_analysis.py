@@ -363,7 +363,7 @@ def test_ablation_plot_from_result_files(tmp_path):
     new_mean = np.mean([n for _, n in runs["n_prompts=8"][1]])
     r8 = by[("n_prompts", "8")]
     assert abs(float(r8["base_mean"]) - base_mean) < 1e-4 and abs(float(r8["new_mean"]) - new_mean) < 1e-4
-    assert abs(float(r8["base_std"]) - np.std([83.0, 85.0], ddof=1)) < 1e-4
+    assert abs(float(r8["base_std"]) - np.std([83.0, 85.0], ddof=0)) < 1e-4
     # HM of the seed-averaged accuracies (DESIGN.md §3), not the mean of per-seed HMs
     assert abs(float(r8["hm_mean"]) - 2 * base_mean * new_mean / (base_mean + new_mean)) < 1e-4
     # a factor with no runs is an error a user can act on
@@ -429,11 +429,11 @@ def test_tables_from_result_files(tmp_path):
     assert tables.main([str(res), "--reference", "--out", str(out)]) == 0
     assert_outputs(out, "table_base2new", "table_cross_dataset", csvs=("table_base2new.csv", "table_cross_dataset.csv"))
     md = (out / "table_base2new.md").read_text()
-    assert "| dtd | pmpo | 2 | 81.00 ± 1.41 | **61.00 ± 1.41** |" in md
-    assert "| dtd | coop | 2 | **82.00 ± 1.41** | 51.00 ± 1.41 |" in md
+    assert "| dtd | pmpo | 2 | 81.00 ± 1.00 | **61.00 ± 1.00** |" in md
+    assert "| dtd | coop | 2 | **82.00 ± 1.00** | 51.00 ± 1.00 |" in md
     assert "MaPLe (paper)" in md and "79.28" in md
     tex = (out / "table_base2new.tex").read_text()
-    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\textbf{61.00 $\pm$ 1.41}" in tex
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\textbf{61.00 $\pm$ 1.00}" in tex
     rows = read_csv(out / "table_base2new.csv")
     avg = next(r for r in rows if r["dataset"] == "average" and r["method"] == "pmpo")
     assert abs(float(avg["base_mean"]) - np.mean([81.0, 91.0])) < 1e-3

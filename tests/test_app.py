@@ -83,11 +83,15 @@ def test_load_images_skips_bad_files_and_names_them(tmp_path, pictures):
         inputs.load_images(None)
 
 
-def test_oversized_image_is_refused_before_decoding(tmp_path):
-    big = tmp_path / "huge.png"
-    Image.new("1", (8000, 6000)).save(big)  # 48 megapixels, a few kB on disk
+def test_phone_photo_is_downscaled_and_a_bomb_is_refused_before_decoding(tmp_path):
+    photo = tmp_path / "phone.png"
+    Image.new("1", (8000, 6000)).save(photo)  # 48 megapixels, a few kB on disk: a phone photo's size
+    loaded = inputs.load_images([str(photo)])
+    assert loaded.images[0].width * loaded.images[0].height <= 16_000_000 and loaded.names == ["phone.png"]
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 10000)).save(bomb)  # 200 megapixels
     with pytest.raises(InputError, match="too large"):
-        inputs.load_images([str(big)])
+        inputs.load_images([str(bomb)])
 
 
 # --- state -----------------------------------------------------------------------------------------

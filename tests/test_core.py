@@ -114,6 +114,10 @@ def test_maple_parameter_count_at_vit_b16_sizes():
     expected = 2 * 512 + 8 * 2 * 512 + 9 * (512 * 768 + 768)
     assert sum(p.numel() for p in learner.parameters()) == expected == 3_555_072
     assert learner.segments == [(0, 8)] and len(learner.couplings) == 9
+    # As MaPLe: the deep couplings (layers 1-8) are copies of one Linear, the layer-0 one is its own.
+    deep = [c.weight for c in learner.couplings[1:]]
+    assert all(torch.equal(w, deep[0]) for w in deep) and not torch.equal(learner.couplings[0].weight, deep[0])
+    assert len({id(w) for w in deep}) == 8  # copies, not one shared module: they train apart
 
 
 def test_pmpo_parameter_count(backbone):

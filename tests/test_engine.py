@@ -99,6 +99,8 @@ def test_presets_load_and_coop_has_its_own_recipe():
     assert (coop.lr, coop.batch_size, coop.epochs) == (0.002, 32, 200)
     assert load_train_preset("coop", "base2new", dataset="imagenet").epochs == 50
     assert load_train_preset("pmpo", "base2new") == load_train_preset("maple", "base2new")
+    kgcoop = load_train_preset("kgcoop", "base2new")  # its authors' recipe, not MaPLe's
+    assert (kgcoop.lr, kgcoop.batch_size, kgcoop.epochs, kgcoop.warmup_epochs, kgcoop.warmup_lr) == (0.002, 128, 100, 1, 1e-5)
     assert load_train_preset("pmpo", "base2new", lr=0.01).lr == 0.01
     with pytest.raises(InputError, match="unknown training option"):
         TrainConfig.from_dict({"learning_rate": 1})

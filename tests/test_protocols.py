@@ -95,7 +95,7 @@ def test_aggregation_follows_the_papers():
     rows = {(r.dataset, r.name): r for r in aggregate(RESULTS)}
     dtd = rows["dtd", "pmpo"]
     assert dtd.seeds == [1, 2] and dtd.metrics["base"].mean == 81.0
-    assert dtd.metrics["base"].std == pytest.approx(math.sqrt(2.0))  # sample std over seeds
+    assert dtd.metrics["base"].std == pytest.approx(1.0)  # population std over seeds (ddof 0), as CoOp
     assert dtd.metrics["hm"].mean == pytest.approx(harmonic_mean(81.0, 62.0))  # HM of the averages
     avg = {r.name: r for r in dataset_average(list(rows.values()))}
     assert avg["pmpo"].metrics["base"].mean == pytest.approx((81.0 + 91.0) / 2)
@@ -108,7 +108,7 @@ def test_aggregation_follows_the_papers():
 def test_renderers_bold_the_best_and_show_references(tmp_path):
     tables = build_tables(RESULTS, reference=True)
     md = render(tables, "md")
-    assert "| dtd | pmpo | 2 | 81.00 ± 1.41 | **62.00 ± 2.83** |" in md
+    assert "| dtd | pmpo | 2 | 81.00 ± 1.00 | **62.00 ± 2.00** |" in md
     assert "| dtd | coop | 1 | **85.00** | 40.00 |" in md
     assert "Average (2)" in md and "MaPLe (paper)" in md and "not directly comparable" in md
     for ref in base2new_reference():

@@ -212,7 +212,7 @@ def collect_points(results: Sequence[dict], factors: Sequence[str] | None = None
         for m in metrics:
             mean = row.metrics[m].mean if m in row.metrics else None
             per_seed = [r["accuracy"].get(m) for r in runs if r["accuracy"].get(m) is not None]
-            std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0  # HM: spread of per-seed HMs
+            std = float(np.std(per_seed)) if per_seed else 0.0  # population std (ddof 0), as pmpo.results; HM: spread of per-seed HMs
             stats[m] = (mean, std if mean is not None else None)
         owners = factors if name == BASE else [_factor_of(name)]
         for factor in owners:

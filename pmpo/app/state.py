@@ -341,7 +341,7 @@ class AppState:
                 torch.manual_seed(0)  # the same "untrained" prompts in every session and run
                 model = build_model(cfg, device=self.device, backbone=backbone)
             notices.append(
-                "The 'learned' column uses an **untrained PMPO initialisation** (contexts from "
+                "The learned prompts are an **untrained PMPO initialisation** (contexts from "
                 "'a photo of a', random couplings): load or train a prompt checkpoint for learned prompts."
             )
         else:

@@ -362,6 +362,8 @@ def history_figure(history: list[dict]):
         ax2.plot(steps, [h["acc"] for h in history], color="C0", alpha=0.6, label="batch accuracy %")
         ax2.set_ylim(0, 100)
         ax2.set_ylabel("batch accuracy %")
+        handles = ax.get_lines() + ax2.get_lines()
+        ax.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=8, frameon=False)
     else:
         ax.text(0.5, 0.5, "no steps yet", ha="center", va="center", transform=ax.transAxes)
     return fig

@@ -257,9 +257,10 @@ def build_demo(state: AppState) -> gr.Blocks:
                             classify_btn = gr.Button("Classify", variant="primary", elem_id="classify-btn")
                         classify_status = gr.Markdown(elem_id="classify-status")
                         topk_table = gr.Dataframe(label="Top-k: zero-shot CLIP | prior with the prompted image | learned prompts",
-                                                  interactive=False, elem_id="topk-table")
+                                                  headers=classify_tab.topk_headers(), interactive=False, elem_id="topk-table")
                         topk_plot = gr.Plot(label="Top-k per image")
-                        prompt_table = gr.Dataframe(label="Per-prompt predictions (each learned prompt alone)", interactive=False)
+                        prompt_table = gr.Dataframe(label="Per-prompt predictions (each learned prompt alone)",
+                                                    headers=classify_tab.per_prompt_headers(), interactive=False)
                         with gr.Accordion("Raw result (JSON)", open=False):
                             result_json = gr.JSON()
                     with gr.Tab("Per-depth attention", id="attention"):
@@ -313,7 +314,8 @@ def build_demo(state: AppState) -> gr.Blocks:
                         bench_status = gr.Markdown(elem_id="benchmarks-status")
                         bench_ref = gr.Dataframe(label="Reference (published, ViT-B/16, base-to-new, avg of 11 datasets)",
                                                  interactive=False)
-                        bench_ours = gr.Dataframe(label="This project's runs (result.json)", interactive=False)
+                        bench_ours = gr.Dataframe(label="This project's runs (result.json)", interactive=False,
+                                                  headers=["table", "Dataset", "Method", "Seeds", "Base", "New", "HM", "datasets"])
                         bench_plot = gr.Plot(label="Harmonic mean: reference vs. ours")
 
         backbone_inputs = [bb_model, bb_pretrained]
