@@ -73,6 +73,11 @@ def test_upload_classify_and_read_result(page, served, tmp_path):
     shot = tmp_path / "classify.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+    # One class: answered (every image 100 % for it) with a notice, not an internal error.
+    classes.fill("red circle")
+    page.locator("#classify-btn").click()
+    status.get_by_text("1 image(s), 1 classes").wait_for(timeout=60_000)
+    assert "Internal error" not in page.content() and "Only one class" in status.inner_text()
 
 
 def test_corrupt_upload_shows_message_in_page(page, served, tmp_path):
