@@ -46,7 +46,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "forward_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.forwarded = unknown
     # open_clip reports download failures on the root logger; we say it better in one line.
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL, format="%(message)s")
     if not args.verbose:

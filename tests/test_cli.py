@@ -152,3 +152,12 @@ def test_results_get_the_users_file_mode(tmp_path):
         os.umask(old)
     for name in ("result.json", "prompts.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name  # mkstemp alone gives 0600
+
+
+def test_app_command_forwards_every_option_to_the_app(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["app", "--help"])
+    assert exit_.value.code == 0 and "--checkpoint" in capsys.readouterr().out  # the app's own options
+    with pytest.raises(SystemExit):
+        main(["table", "runs", "--no-such-option"])  # other commands still refuse unknown options
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err

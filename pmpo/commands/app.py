@@ -9,11 +9,11 @@ from . import SUMMARIES
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("app", help=SUMMARIES["app"],
                        description="Start the PMPO Gradio demo; options as python app.py.", add_help=False)
-    p.add_argument("options", nargs=argparse.REMAINDER, help="options of the app (pmpo app --help)")
-    p.set_defaults(func=run)
+    # Every option (--help included) belongs to the app: the pmpo parser forwards what it does not know.
+    p.set_defaults(func=run, forward_options=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..app.main import main
 
-    return main(args.options)
+    return main(args.forwarded)
