@@ -41,16 +41,16 @@ def shipped_model_names() -> list[str]:
 
 
 def resolve_model_name(model: str) -> str:
-    """A shipped model's bare name -> its ``local-dir:`` path. So does a relative ``local-dir:`` path
-    that does not exist from the current directory but names a shipped folder
-    (``local-dir:checkpoints/shapeworld-clip``, the form older sweep files and checkpoints used).
+    """A shipped model's bare name -> its ``local-dir:`` path. So does a ``local-dir:`` path that does
+    not exist here but names a shipped folder: the relative ``local-dir:checkpoints/shapeworld-clip``
+    of older sweep files, or the absolute path a checkpoint made on another machine recorded.
     Every other name is returned unchanged."""
     if model in shipped_model_names():
         return LOCAL_DIR + str(SHIPPED_MODELS / model)
     if model.startswith(LOCAL_DIR):
         folder = Path(model[len(LOCAL_DIR):]).expanduser()
         shipped = SHIPPED_MODELS / folder.name
-        if not folder.is_absolute() and not folder.exists() and (shipped / "open_clip_config.json").is_file():
+        if not folder.exists() and (shipped / "open_clip_config.json").is_file():
             return LOCAL_DIR + str(shipped)
     return model
 

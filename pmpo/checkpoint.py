@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
-from .backbone import LOCAL_DIR, SHIPPED_MODELS, Backbone, load_backbone
+from .backbone import Backbone, load_backbone, resolve_model_name
 from .config import PMPOConfig
 from .errors import CheckpointError, PMPOError
 from .io import atomic_save_safetensors
@@ -69,18 +69,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
-def _relocate_local_dir(model: str) -> str:
-    """A checkpoint made on another machine names its local-dir backbone by absolute path; when
-    that path is gone but this project ships a folder of the same name (the offline model), use it."""
-    if not model.startswith(LOCAL_DIR):
-        return model
-    folder = Path(model[len(LOCAL_DIR):])
-    shipped = SHIPPED_MODELS / folder.name
-    if not folder.is_dir() and shipped.is_dir():
-        return LOCAL_DIR + str(shipped)
-    return model
-
-
 def checkpoint_config(path: str | os.PathLike) -> PMPOConfig:
     _, meta = read_checkpoint(path)
     return PMPOConfig.from_dict(json.loads(meta["config"]))
@@ -104,7 +92,7 @@ def load_checkpoint(
         cfg_dict["model"], cfg_dict["pretrained"] = model, pretrained
     elif pretrained is not None:
         cfg_dict["pretrained"] = pretrained
-    cfg_dict["model"] = _relocate_local_dir(cfg_dict["model"])
+    cfg_dict["model"] = resolve_model_name(cfg_dict["model"])
     cfg = PMPOConfig.from_dict(cfg_dict)
     if backbone is None:
         backbone = load_backbone(cfg.model, cfg.pretrained, device=device, quick_gelu=cfg.quick_gelu)

@@ -125,9 +125,9 @@ def preset_file(kind: str, name: str | Path) -> Path:
     path = Path(name).expanduser()
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / kind / f"{path.stem}.yaml", CONFIG_DIR / kind / path.name):
-        if path.parent in (Path("."), Path("configs") / kind, Path("pmpo") / "configs" / kind) and candidate.is_file():
-            return candidate
+    shipped_file = CONFIG_DIR / kind / f"{path.stem}.yaml"
+    if path.parent in (Path("."), Path("configs") / kind, Path("pmpo") / "configs" / kind) and shipped_file.is_file():
+        return shipped_file
     shipped = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
     raise InputError(f"{kind} file {str(name)!r} not found (neither a file nor a shipped preset: {', '.join(shipped) or 'none'})")
 

@@ -92,11 +92,11 @@ def hm_groups(ours: pd.DataFrame) -> dict[str, dict[str, float]]:
 
 
 def resolve_dirs(text: str) -> list[Path]:
-    dirs = []
+    dirs, here = [], Path.cwd().resolve()
     for part in split_lines_or_commas(text or ""):
         path = Path(part).expanduser()
-        path = (path if path.is_absolute() else Path.cwd().resolve() / path).resolve()
-        if not path.is_relative_to(Path.cwd().resolve()) and os.environ.get("SPACE_ID"):
+        path = (path if path.is_absolute() else here / path).resolve()
+        if not path.is_relative_to(here) and os.environ.get("SPACE_ID"):
             raise InputError(f"On a public Space only folders inside the project can be read, not {part!r}.")
         dirs.append(path)
     if not dirs:
@@ -108,8 +108,8 @@ def build_view(text: str) -> BenchView:
     dirs = resolve_dirs(text)
     ref = reference_frame()
     ours, n_files = result_frame(dirs)
-    where = ", ".join(str(d.relative_to(Path.cwd().resolve())) if d.is_relative_to(Path.cwd().resolve()) else str(d)
-                      for d in dirs)
+    here = Path.cwd().resolve()
+    where = ", ".join(str(d.relative_to(here)) if d.is_relative_to(here) else str(d) for d in dirs)
     status = f"{len(ref)} reference rows; {n_files} result.json file(s) in {where}."
     if not n_files:
         status += " No runs yet: the benchmark protocols (see the README) write result.json files there."

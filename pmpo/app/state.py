@@ -245,8 +245,8 @@ class AppState:
         """The picker's entries for one browser session: the untrained init, shipped files, the
         checkpoint given at start, and that session's own uploads and trainings."""
         shipped = sorted(p.name for p in self.checkpoint_dir.glob("*.safetensors")) if self.checkpoint_dir.is_dir() else []
-        own = self._sessions.get(session).keys() if session and self._sessions.get(session) else []
-        return [UNTRAINED, *shipped, *self._startup_checkpoints, *own]
+        own = self._sessions.get(session) if session else None
+        return [UNTRAINED, *shipped, *self._startup_checkpoints, *(own.keys() if own is not None else [])]
 
     def checkpoint_path(self, choice: str, session: str | None = None) -> Path | None:
         if not choice or choice == UNTRAINED:
@@ -314,10 +314,11 @@ class AppState:
             self._session_evicted(session, own)
 
     def _session_evicted(self, session: str, own: "LRU[str, str]") -> None:
-        for _choice, stored in own.items():
-            _remove_stored(stored)
+        stored = {path for _, path in own.items()}
+        for path in stored:
+            _remove_stored(path)
         for key, _entry in self._models.items():
-            if key[1] in {s for _, s in own.items()}:
+            if key[1] in stored:
                 self._models.pop(key)
 
     # --- prompt models ---------------------------------------------------------------------------

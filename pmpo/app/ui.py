@@ -144,7 +144,8 @@ def build_demo(state: AppState) -> gr.Blocks:
         session = session_of(request)
         spec = BackboneSpec.of(bb_model, bb_pretrained)
         # Built before it is offered: a checkpoint that does not fit this backbone never enters the picker.
-        choice = state.add_checkpoint_file(file_path(file), name=display_name(file_path(file)), session=session, spec=spec)
+        path = file_path(file)
+        choice = state.add_checkpoint_file(path, name=display_name(path), session=session, spec=spec)
         entry = state.model(spec, choice, session)
         return (f"Loaded **{choice}**: {entry.description}. " + notices_md(entry.notices),
                 gr.update(choices=state.checkpoint_choices(session), value=choice))
