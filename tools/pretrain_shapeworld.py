@@ -567,11 +567,19 @@ def main(argv=None):
     ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from --out's eval.json and exit")
     ap.add_argument("--eval-every", type=int, default=0, help="probe / zero-shot on the probe draws every N steps")
     ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--shift", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one knob of pmpo.data.shapeworld.DOWNSTREAM_SHIFT for this run (the uncaptioned "
+                         "scenes and the probe draws; repeatable; recorded in eval.json)")
     ap.add_argument("--init", help="continue training from a saved folder (a second stage); its training "
                                    "record is kept in eval.json as 'continued_from'")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    for item in args.shift:
+        key, _, value = item.partition("=")
+        if key not in sw.DOWNSTREAM_SHIFT:
+            raise SystemExit(f"--shift: unknown key {key!r}; keys: {', '.join(sorted(sw.DOWNSTREAM_SHIFT))}")
+        sw.DOWNSTREAM_SHIFT[key] = float(value)
 
     if args.write_config:
         cfg = json.loads(json.dumps(MODEL_CFG))
@@ -692,7 +700,7 @@ def main(argv=None):
                      "minutes": args.minutes, "p_grouped": args.p_grouped,
                      "aux_weight": args.aux_weight, "clip_grad": args.clip_grad, "model_cfg": model_cfg,
                      "grown": bool(args.init and args.grow), "n_uncaptioned": args.n_uncaptioned,
-                     "separate_heads": args.separate_heads, "residual_scale": args.residual_scale if not args.init else None,
+                     "separate_heads": args.separate_heads, "shift": dict(sw.DOWNSTREAM_SHIFT), "residual_scale": args.residual_scale if not args.init else None,
                      "device": str(device) + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
                                               if device.type == "cuda" else ""),
                      "probe_curve": curve,
