@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from . import __version__
 from .backbone import Backbone, load_backbone, resolve_model_name
-from .config import PMPOConfig
+from .config import LEGACY_DEFAULTS, PMPOConfig
 from .errors import CheckpointError, PMPOError
 from .io import atomic_save_safetensors
 from .model import PMPOModel
@@ -69,9 +69,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
+def stored_config(meta: dict[str, str]) -> dict:
+    """The config dict a checkpoint stores, with options it predates set to what it was trained with."""
+    cfg = json.loads(meta["config"])
+    for key, value in LEGACY_DEFAULTS.items():
+        cfg.setdefault(key, value)
+    return cfg
+
+
 def checkpoint_config(path: str | os.PathLike) -> PMPOConfig:
     _, meta = read_checkpoint(path)
-    return PMPOConfig.from_dict(json.loads(meta["config"]))
+    return PMPOConfig.from_dict(stored_config(meta))
 
 
 def load_checkpoint(
@@ -87,7 +95,7 @@ def load_checkpoint(
     (the app shares one CLIP between many prompt checkpoints).
     """
     tensors, meta = read_checkpoint(path)
-    cfg_dict = json.loads(meta["config"])
+    cfg_dict = stored_config(meta)
     if model is not None:
         cfg_dict["model"], cfg_dict["pretrained"] = model, pretrained
     elif pretrained is not None:

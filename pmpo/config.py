@@ -26,6 +26,13 @@ PARTITION_NAMES = ("equal", "all", "first-half", "second-half")
 VISUAL_MODES = ("replace", "carry")
 VISUAL_PASSES = ("single", "per_prompt")
 COUPLINGS = ("per_prompt", "shared", "per_layer")
+# Blocks of a method preset that are not options but exceptions to them, applied by
+# pmpo.recipes: ``protocols: {cross_dataset: {text_depth: 3}}`` (MaPLe's cross-dataset depth) and
+# ``datasets: {dtd: {templates: [...]}}`` (KgCoOp's DTD prior).
+PRESET_BLOCKS = ("protocols", "datasets")
+# Options added after checkpoints were first written, with the value that reproduces what those
+# older checkpoints computed (pmpo.checkpoint fills them in when a stored config lacks them).
+LEGACY_DEFAULTS = {"frozen_init_tail": False, "prompt_ln_pre": False}
 
 
 @dataclass
@@ -43,6 +50,9 @@ class PMPOConfig:
     n_ctx: int | None = None  # M context tokens per prompt
     ctx_init: str | list[str] | None = None  # init phrase, or one phrase per prompt
     text_depth: int | None = None  # 1 = shallow; >1 adds deep text prompts in layers 1..depth-1
+    # Tokens of ctx_init beyond the first M stay in the prompt as frozen words, as MaPLe builds
+    # "[SOS] c1 c2 of a {class}." from "a photo of a" with M = 2; off: "[SOS] c1 c2 {class}.".
+    frozen_init_tail: bool | None = None
 
     # Visual prompts (coupled to the text prompts by a linear map d_t -> d_v).
     visual_prompts: bool | None = None
@@ -51,6 +61,9 @@ class PMPOConfig:
     visual_mode: str | None = None  # "replace" (re-inject every layer) or "carry"
     visual_pass: str | None = None  # "single" (one pass) or "per_prompt" (N passes)
     coupling: str | None = None  # "per_prompt", "shared" or "per_layer" (MaPLe)
+    # Visual prompts injected at layer 0 go through the tower's ln_pre with the patch tokens, as
+    # MaPLe concatenates them before ln_pre (exact: LayerNorm acts per token).
+    prompt_ln_pre: bool | None = None
 
     # Manual prior and class weights.
     templates: list[str] | None = None
@@ -142,7 +155,25 @@ def load_preset(method: str) -> dict[str, Any]:
         raise InputError(f"unknown method {method!r}; presets: {', '.join(list_methods())} (in {METHOD_DIR})")
     data = read_yaml_mapping(path, "method preset")
     data.pop("method", None)
+    data.pop("reference", None)  # where the recipe comes from (shown by pmpo recipe)
+    for block in PRESET_BLOCKS:
+        data.pop(block, None)
     return data
 
 
-__all__ = ["PMPOConfig", "list_methods", "load_preset"]
+def preset_blocks(method: str) -> dict[str, dict[str, Any]]:
+    """The per-protocol and per-dataset blocks of a method preset (see ``PRESET_BLOCKS``)."""
+    path = METHOD_DIR / f"{method}.yaml"
+    if not path.is_file():
+        load_preset(method)  # raises the unknown-method error
+    data = read_yaml_mapping(path, "method preset")
+    out = {}
+    for block in PRESET_BLOCKS:
+        value = data.get(block) or {}
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise InputError(f"{path}: '{block}' must map names to option mappings, got {value!r}")
+        out[block] = value
+    return out
+
+
+__all__ = ["LEGACY_DEFAULTS", "PMPOConfig", "list_methods", "load_preset", "preset_blocks", "preset_file"]

@@ -156,20 +156,30 @@ def train_preset_path(method: str, protocol: str) -> Path:
     raise InputError(f"no training preset for protocol {protocol!r} in {TRAIN_CONFIG_DIR} (have: {', '.join(known)})")
 
 
-def load_train_config(path: str | Path, dataset: str | None = None, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from YAML. A ``per_dataset: {name: {option: value}}`` block holds the
-    exceptions of a recipe (CoOp trains ImageNet for 50 epochs instead of 200); explicit
-    ``overrides`` (None = not given) win over both."""
+def load_train_config(path: str | Path, dataset: str | None = None, shots: int | None = None,
+                      **overrides: Any) -> TrainConfig:
+    """A TrainConfig from YAML. Two blocks hold the exceptions of a recipe: ``per_shots: {K: {option:
+    value}}`` (CoOp's few-shot epochs depend on K) and ``per_dataset: {name: {option: value}}``
+    (CoOp trains ImageNet for 50 epochs whatever K). The dataset's block wins over the shots' one,
+    and explicit ``overrides`` (None = not given) win over both."""
     data = _read_yaml(Path(path))
+    data.pop("reference", None)  # the authors' file the recipe follows (shown by pmpo recipe)
+    per_shots = data.pop("per_shots", None) or {}
     per_dataset = data.pop("per_dataset", None) or {}
+    for name, block in (("per_shots", per_shots), ("per_dataset", per_dataset)):
+        if not isinstance(block, dict) or not all(isinstance(v, dict) for v in block.values()):
+            raise InputError(f"{path}: '{name}' must map keys to option mappings, got {block!r}")
+    if shots is not None:
+        data.update(per_shots.get(shots, per_shots.get(str(shots), {})))
     if dataset is not None and dataset in per_dataset:
         data.update(per_dataset[dataset])
     data.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(data)
 
 
-def load_train_preset(method: str, protocol: str, dataset: str | None = None, **overrides: Any) -> TrainConfig:
-    return load_train_config(train_preset_path(method, protocol), dataset, **overrides)
+def load_train_preset(method: str, protocol: str, dataset: str | None = None, shots: int | None = None,
+                      **overrides: Any) -> TrainConfig:
+    return load_train_config(train_preset_path(method, protocol), dataset, shots, **overrides)
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -590,8 +600,11 @@ def evaluate(
     batch_size: int = 64,
     num_workers: int = 0,
     precision: str = "auto",
+    templates: Sequence[str] | None = None,
 ) -> EvalResult:
     """Top-1 accuracy (percent) with the eval transform; class weights computed once.
+    ``templates`` replaces the model's prior templates for this evaluation only (a target
+    dataset's own template in cross-dataset transfer).
 
     Under torchrun each process takes every K-th image and the per-class counts are summed,
     so the result is the same as one process's.
@@ -605,7 +618,7 @@ def evaluate(
     counts = torch.zeros(2, len(names), dtype=torch.float64, device=device)  # correct, total
     start = time.perf_counter()
     with _autocast(device, precision):
-        weights = model.class_weights(names)
+        weights = model.class_weights(names, templates)
     if shard:
         loader = DataLoader(ImageDataset(shard, model.eval_transform()), batch_size=batch_size,
                             num_workers=_workers(num_workers), pin_memory=device.type == "cuda")

@@ -136,28 +136,60 @@ class PMPOModel(nn.Module):
         self._cache_put(self._prior_cache, key, prior)
         return prior
 
+    def prompt_tokens(self, classnames: Sequence[str]) -> torch.Tensor:
+        """Token ids [G, C, L] of the prompted sequences ``[SOS] X..X (tail) {class}. [EOT]``: the M
+        ``X`` slots take the learned context; ``tail`` is the rest of the init phrase when
+        ``frozen_init_tail`` is on (MaPLe). G = 1 when every prompt's tail is the same (the usual
+        case: no tail), else G = N."""
+        assert self.prompts is not None
+        names = clean_classnames(classnames)
+        m = self.prompts.n_ctx
+        base = self.text.tokenize([" ".join(["X"] * m + [f"{name}."]) for name in names])
+        tails = self._init_tails()
+        if all(t.numel() == 0 for t in tails):
+            return base[None]
+        length = base.shape[1]
+        rows = []
+        for tail in (tails[:1] if all(torch.equal(t, tails[0]) for t in tails) else tails):
+            tail = tail.to(base.device)
+            row = torch.cat([base[:, :1 + m], tail.expand(base.shape[0], -1), base[:, 1 + m:]], dim=1)
+            if row[:, length:].any():
+                raise InputError(f"a class name is too long for the {length}-token context with the prompt "
+                                 f"({m} context tokens + {tail.numel()} frozen init tokens)")
+            rows.append(row[:, :length])
+        return torch.stack(rows)
+
+    def _init_tails(self) -> list[torch.Tensor]:
+        """Per prompt, the token ids of its init phrase after the first M (empty when off)."""
+        if not self.cfg.frozen_init_tail:
+            return [torch.empty(0, dtype=torch.long)] * self.prompts.n_prompts
+        init = self.cfg.ctx_init
+        phrases = init if isinstance(init, list) else [init] * self.prompts.n_prompts
+        tails = []
+        for phrase in phrases:
+            if not phrase:
+                tails.append(torch.empty(0, dtype=torch.long))
+                continue
+            tokens = self.text.tokenize([phrase])
+            eot = int(self.text.eot_positions(tokens)[0])
+            tails.append(tokens[0, 1 + self.prompts.n_ctx:eot].cpu())
+        return tails
+
     def prompt_features(self, classnames: Sequence[str]) -> torch.Tensor:
         """t_i [N, C, D]: all N prompts × C classes in one batched, truncated text pass."""
         assert self.prompts is not None
-        names = clean_classnames(classnames)
         n, m = self.prompts.n_prompts, self.prompts.n_ctx
-        placeholder = " ".join(["X"] * m)
-        tokens = self.text.tokenize([f"{placeholder} {name}." for name in names])
-        eot = self.text.eot_positions(tokens)
+        tokens = self.prompt_tokens(classnames)  # [G, C, L]
+        c = tokens.shape[1]
+        eot = self.text.eot_positions(tokens.reshape(-1, tokens.shape[-1])).view(tokens.shape[0], c)
         with torch.no_grad():
-            frozen = self.text.embed(tokens[:, : int(eot.max()) + 1])  # [C, L, d]
-        c = len(names)
+            frozen = self.text.embed(tokens[:, :, : int(eot.max()) + 1])  # [G, C, L, d]
+        frozen = frozen.expand(n, -1, -1, -1)
         ctx = self.prompts.ctx.to(frozen.dtype)  # [N, M, d]
-        x = torch.cat(
-            [
-                frozen[None, :, :1].expand(n, -1, -1, -1),
-                ctx[:, None].expand(-1, c, -1, -1),
-                frozen[None, :, 1 + m:].expand(n, -1, -1, -1),
-            ],
-            dim=2,
-        ).reshape(n * c, -1, frozen.shape[-1])
+        x = torch.cat([frozen[:, :, :1], ctx[:, None].expand(-1, c, -1, -1), frozen[:, :, 1 + m:]], dim=2)
+        x = x.reshape(n * c, -1, frozen.shape[-1])
         feats = self.text(
-            x, eot.repeat(n), self.prompts.deep_text_prompts(c), prompt_slice=slice(1, 1 + m)
+            x, eot.expand(n, -1).reshape(-1), self.prompts.deep_text_prompts(c), prompt_slice=slice(1, 1 + m)
         )
         return F.normalize(feats.float(), dim=-1).view(n, c, -1)
 
@@ -189,13 +221,22 @@ class PMPOModel(nn.Module):
         images = images.to(self.device)
         if self.prompts is None or not self.prompts.segments:
             return self.vision(images, None, return_attention)
-        n_layers = self.vision.n_layers
         if self.cfg.visual_pass == "per_prompt":
-            return [
-                self.vision(images, self.prompts.visual_schedule(n_layers, i), return_attention)
-                for i in range(self.prompts.n_prompts)
-            ]
-        return self.vision(images, self.prompts.visual_schedule(n_layers), return_attention)
+            return [self.vision(images, self.visual_schedule(i), return_attention) for i in range(self.prompts.n_prompts)]
+        return self.vision(images, self.visual_schedule(), return_attention)
+
+    def visual_schedule(self, prompt: int | None = None) -> list[torch.Tensor | None] | None:
+        """The prompt tokens at the input of each vision layer (all prompts, or ``prompt``'s pass).
+
+        With ``prompt_ln_pre`` the tokens injected at layer 0 go through the tower's ``ln_pre``,
+        which open_clip has already applied to the patch tokens: MaPLe concatenates its layer-0
+        prompts *before* ln_pre, and a per-token LayerNorm makes the two orders the same."""
+        if self.prompts is None:
+            return None
+        schedule = self.prompts.visual_schedule(self.vision.n_layers, prompt)
+        if schedule and self.cfg.prompt_ln_pre and schedule[0] is not None:
+            schedule = [self.vision.visual.ln_pre(schedule[0]), *schedule[1:]]
+        return schedule
 
     def plain_image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Unprompted, normalised image features (zero-shot CLIP's view of the image)."""

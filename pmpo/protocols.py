@@ -106,17 +106,6 @@ def read_finished(folder: str | Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("format") == RESULT_FORMAT else None
 
 
-def _evaluate_with_templates(model: PMPOModel, items, classnames, templates: Sequence[str] | None,
-                             batch_size: int, num_workers: int = 0):
-    previous = list(model.templates)
-    if templates:
-        model.templates = list(templates)
-    try:
-        return evaluate(model, items, classnames, batch_size=batch_size, num_workers=num_workers)
-    finally:
-        model.templates = previous
-
-
 def run_protocol(
     protocol: str,
     dataset: str,
@@ -129,7 +118,8 @@ def run_protocol(
     name: str | None = None,
     targets: Sequence[str] | None = None,
     target_root: str | Path | None = None,
-    dataset_templates: bool = False,
+    target_templates: bool = True,
+    recipe: dict | None = None,
     device: str | torch.device = "cpu",
     backbone: Backbone | None = None,
     resume: bool = False,
@@ -140,8 +130,10 @@ def run_protocol(
     """Run one protocol and return the result dict (also written to ``out_dir/result.json``).
 
     ``seed`` drives both the few-shot draw and training (it replaces ``train_cfg.seed``).
-    ``dataset_templates`` uses each dataset's hand-crafted template (CoOp's) as the prior instead
-    of the config's. Returns None when cancelled through ``stop`` (nothing written but the
+    ``model_cfg`` / ``train_cfg`` are what :func:`pmpo.recipes.resolve_recipe` gives (the prior
+    templates included); with ``target_templates`` each transfer target is scored with its own
+    templates (CoOp's), else with the config's. ``recipe`` (``Recipe.to_dict()``) is recorded in
+    result.json. Returns None when cancelled through ``stop`` (nothing written but the
     checkpoints of finished epochs). With ``resume`` a finished run is returned as it is.
     """
     if protocol not in PROTOCOLS:
@@ -177,8 +169,6 @@ def run_protocol(
 
     seed_everything(derive_seed(seed, -2))  # prompt initialisation (couplings) is random too
     model = build_model(model_cfg, device=device, backbone=backbone)
-    if dataset_templates:
-        model.templates = list(splits.templates)
     say(f"{protocol} {dataset} {model.cfg.method} shots={k or 'all'} seed={seed}: "
         f"{len(source.train)} training images, {len(source.classnames)} classes, {model.num_learnable():,} learnable")
 
@@ -211,8 +201,8 @@ def run_protocol(
         eval_ips.append(r.images_per_s)
     target_acc: dict[str, float] = {}
     for tname, tsplit in zip(targets, target_splits):
-        r = _evaluate_with_templates(model, tsplit.test, tsplit.classnames,
-                                     tsplit.templates if dataset_templates else None, bs, nw)
+        r = evaluate(model, tsplit.test, tsplit.classnames, batch_size=bs, num_workers=nw,
+                     templates=tsplit.templates if target_templates else None)
         target_acc[tsplit.name] = r.accuracy
         per_class[tsplit.name], n_test[tsplit.name] = r.per_class, r.n
         eval_ips.append(r.images_per_s)
@@ -228,6 +218,9 @@ def run_protocol(
         "shots": k if k is not None else "all",
         "config": {**model.cfg.to_dict(), "templates": list(model.templates)},
         "train": train_cfg.to_dict(),
+        "templates": {"train": list(model.templates),
+                      **{t.name: list(t.templates if target_templates else model.templates) for t in target_splits}},
+        "recipe": recipe,
         "accuracy": accuracy,
         "targets": target_acc,
         "per_class": per_class,

@@ -49,12 +49,11 @@ def vision_passes(model, x: torch.Tensor) -> tuple[VisionOutput, list[VisionOutp
     plain = model.vision(x, None, return_attention=True, return_tokens=True)
     if model.prompts is None or not model.prompts.segments:
         return plain, [plain]
-    n_layers = model.vision.n_layers
     if model.cfg.visual_pass == "per_prompt":
-        passes = [model.vision(x, model.prompts.visual_schedule(n_layers, i), return_attention=True, return_tokens=True)
+        passes = [model.vision(x, model.visual_schedule(i), return_attention=True, return_tokens=True)
                   for i in range(model.prompts.n_prompts)]
     else:
-        passes = [model.vision(x, model.prompts.visual_schedule(n_layers), return_attention=True, return_tokens=True)]
+        passes = [model.vision(x, model.visual_schedule(), return_attention=True, return_tokens=True)]
     return plain, passes
 
 

@@ -6,6 +6,7 @@ command without importing any of them (most import torch, which takes seconds)."
 SUMMARIES: dict[str, str] = {
     "predict": "classify images with a method preset or a prompt checkpoint",
     "train": "train prompts under a protocol and write result.json",
+    "recipe": "the resolved model, training options and templates a train run would use",
     "eval": "accuracy of a prompt checkpoint or method preset on a dataset split",
     "table": "tables (mean ± std over seeds) from result.json files",
     "sweep": "run datasets × methods × seeds from a YAML file (resumable)",

@@ -15,7 +15,7 @@ from . import SUMMARIES
 EPILOG = """\
 examples:
   pmpo eval --checkpoint runs/base2new/dtd/pmpo/shots_16/seed_1/last.safetensors --dataset dtd --root $DATA --subsample new
-  pmpo eval --method zeroshot --dataset eurosat --root $DATA --dataset-templates
+  pmpo eval --method zeroshot --dataset eurosat --root $DATA
   pmpo eval --checkpoint prompts.safetensors --dataset imagenet_r --root $DATA --json
 """
 
@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="classes: all, or the base/new half of base-to-new (default: all)")
     p.add_argument("--shots", help="with --split train/val: the few-shot subset of this many shots")
     p.add_argument("--seed", type=int, default=1, help="seed of that few-shot subset (default: 1)")
-    p.add_argument("--dataset-templates", action="store_true", help="use the dataset's own template as the prior")
+    p.add_argument("--dataset-templates", action="store_true",
+                   help="score a checkpoint with the dataset's own template as the prior instead of its stored "
+                        "one (a method preset without --config always uses the dataset's, as pmpo recipe says)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--per-class", action="store_true", help="also print per-class accuracy")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -50,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     args.device = str(pdist.init_from_env(args.device))
     try:
         model = load_model_from_args(args).eval()
-        if args.dataset_templates:
-            model.templates = list(splits.templates)
-        result = evaluate(model, items, splits.classnames, batch_size=args.batch_size)
+        own = args.dataset_templates or not (args.checkpoint or args.config)
+        result = evaluate(model, items, splits.classnames, batch_size=args.batch_size,
+                          templates=splits.templates if own else None)
     finally:
         pdist.shutdown()
     if not pdist.info().is_main:

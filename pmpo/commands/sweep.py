@@ -17,9 +17,8 @@ from typing import Any
 
 
 from .. import distributed as pdist
-from ..config import PMPOConfig, preset_file
-from ..data import resolve_dataset_name
-from ..engine import load_train_config, train_preset_path
+from ..config import preset_file
+from ..data import parse_shots, resolve_dataset_name
 from ..errors import InputError, PMPOError
 from ..io import read_yaml_mapping
 from ..protocols import PROTOCOLS, read_finished, run_dir, run_protocol
@@ -46,7 +45,7 @@ examples:
 """
 
 KEYS = {"protocol", "root", "out", "shots", "seeds", "datasets", "methods", "train", "model", "pretrained",
-        "targets", "target_root", "dataset_templates"}
+        "targets", "target_root"}
 
 
 @dataclass
@@ -71,7 +70,6 @@ class Sweep:
     pretrained: str | None
     targets: list[str] | None
     target_root: str | None
-    dataset_templates: bool
 
 
 def _expand(value: str | None) -> str | None:
@@ -116,8 +114,17 @@ def load_sweep(path: str | Path, root: str | None = None, out: str | None = None
         seeds=[int(s) for s in seeds], datasets=[resolve_dataset_name(d) for d in data["datasets"]],
         methods=methods, train=data.get("train") or {}, model=data.get("model"), pretrained=data.get("pretrained"),
         targets=data.get("targets"), target_root=_expand(data.get("target_root")),
-        dataset_templates=bool(data.get("dataset_templates", False)),
     )
+
+
+def sweep_recipe(sweep: Sweep, spec: MethodSpec, dataset: str):
+    """One run's recipe: the method's own (pmpo.recipes) with the sweep's and the entry's options on top."""
+    from ..recipes import resolve_recipe
+
+    options = {**spec.config, **({"model": sweep.model} if sweep.model else {}),
+               **({"pretrained": sweep.pretrained} if sweep.pretrained else {})}
+    return resolve_recipe(spec.method, sweep.protocol, dataset, parse_shots(sweep.shots), model_options=options,
+                          train_options={**sweep.train, **spec.train})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -159,11 +166,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             say(f"[{i}/{len(jobs)}] {folder}")
             try:
-                cfg = PMPOConfig.from_dict({"method": spec.method, **spec.config,
-                                            **({"model": sweep.model} if sweep.model else {}),
-                                            **({"pretrained": sweep.pretrained} if sweep.pretrained else {})})
-                train_cfg = load_train_config(train_preset_path(spec.method, sweep.protocol), dataset=dataset,
-                                              **{**sweep.train, **spec.train})
+                recipe = sweep_recipe(sweep, spec, dataset)
+                cfg, train_cfg = recipe.model, recipe.train
                 # Compare with the spec as written, not the loader's resolved path, so a relative
                 # local-dir: loads once per sweep.
                 wanted = (cfg.model, cfg.pretrained or "none", cfg.quick_gelu)
@@ -174,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
                     loaded = wanted
                 run_protocol(sweep.protocol, dataset, root, cfg, train_cfg, folder, shots=sweep.shots, seed=seed,
                              name=spec.name, targets=sweep.targets, target_root=sweep.target_root,
-                             dataset_templates=sweep.dataset_templates, device=device, backbone=backbone,
+                             target_templates=recipe.target_templates, recipe=recipe.to_dict(),
+                             device=device, backbone=backbone,
                              resume=True, log=say)
                 ran += 1
             except PMPOError as exc:

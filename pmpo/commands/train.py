@@ -7,17 +7,18 @@ import sys
 
 from .. import distributed as pdist
 from ..data import list_datasets
-from ..engine import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig, load_train_config, train_preset_path
+from ..engine import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from ..errors import BackboneLoadError, InputError
 from ..protocols import PROTOCOLS, run_dir, run_protocol
-from .common import add_model_args, config_from_args, offline_fallback
+from .common import add_model_args, offline_fallback
 from . import SUMMARIES
 
 EPILOG = """\
 examples:
   # base-to-new on DTD with PMPO (MaPLe's recipe: 5 epochs, batch 4), seed 1
   pmpo train --dataset dtd --root $DATA --protocol base2new --shots 16 --seed 1 --method pmpo
-  # CoOp with its own recipe (pmpo/configs/train/coop_base2new.yaml is picked automatically)
+  # CoOp with its own recipe (pmpo/configs/train/coop_base2new.yaml is picked automatically;
+  # `pmpo recipe --method coop --protocol base2new --dataset dtd` shows everything that will run)
   pmpo train --dataset dtd --root $DATA --method coop
   # a killed run continues from its last finished epoch
   pmpo train --dataset dtd --root $DATA --method pmpo --resume
@@ -28,7 +29,9 @@ examples:
 
 The run folder is <out>/<protocol>/<dataset>/<name>/shots_<K>/seed_<S> (or --run-dir) and
 receives result.json, last.safetensors (prompts), metrics.jsonl and train_state.safetensors.
-Training presets: pmpo/configs/train/<method>_<protocol>.yaml, else pmpo/configs/train/<protocol>.yaml.
+Recipes (docs/RECIPES.md): the method preset with its per-protocol / per-dataset blocks, the training
+preset pmpo/configs/train/<method>_<protocol>.yaml (else <protocol>.yaml) with its per-shots /
+per-dataset blocks, and each benchmark dataset's own prior template (CoOp's); options given here win.
 """
 
 
@@ -52,12 +55,27 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                    help="smallest area fraction of the train crop (default 0.08, CoOp's protocol)")
 
 
-def train_config_from_args(args: argparse.Namespace, method: str, protocol: str, dataset: str) -> TrainConfig:
-    path = args.train_config or train_preset_path(method, protocol)
-    overrides = {k: getattr(args, k, None) for k in (
-        "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "warmup_epochs",
-        "warmup_lr", "grad_accum", "precision", "num_workers", "eval_batch_size", "min_crop_scale")}
-    return load_train_config(path, dataset=dataset, **overrides)
+TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "warmup_epochs",
+                 "warmup_lr", "grad_accum", "precision", "num_workers", "eval_batch_size", "min_crop_scale")
+
+
+def add_template_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
+                        help="prior template with {} for the class name (repeatable; default: the dataset's own, "
+                             "CoOp's, or 'a photo of a {}.' for your own data)")
+
+
+def recipe_from_args(args: argparse.Namespace, protocol: str, dataset: str | None, shots: int | None):
+    """The recipe these options select (pmpo.recipes.resolve_recipe): what train runs and recipe prints."""
+    from ..backbone import OFFLINE_MODEL
+    from ..recipes import resolve_recipe
+
+    model = OFFLINE_MODEL if getattr(args, "offline", False) else getattr(args, "model", None)
+    options = {"model": model, "pretrained": getattr(args, "pretrained", None),
+               "templates": getattr(args, "templates", None)}
+    return resolve_recipe(args.method, protocol, dataset, shots, config_file=getattr(args, "config", None),
+                          model_options=options, train_file=getattr(args, "train_config", None),
+                          train_options={k: getattr(args, k, None) for k in TRAIN_OPTIONS})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,11 +93,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="name of the method in tables and run folders (default: the method; use it for ablations)")
     p.add_argument("--targets", help="comma-separated target datasets (cross_dataset/domain_generalization; default: the protocol's)")
     p.add_argument("--target-root", help="data root of the targets (default: --root)")
-    p.add_argument("--dataset-templates", action="store_true", help="use each dataset's own template (CoOp's) as the prior")
     p.add_argument("--out", default="runs", help="root of run folders (default: runs)")
     p.add_argument("--run-dir", help="exact run folder (overrides --out)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
     add_model_args(p)
+    add_template_arg(p)
     add_train_args(p)
     p.set_defaults(func=run)
 
@@ -87,11 +105,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         raise InputError("train starts from the method preset; --checkpoint is for 'pmpo eval' and 'pmpo predict'")
-    from ..data import resolve_dataset_name
+    from ..data import parse_shots, resolve_dataset_name
 
     dataset = resolve_dataset_name(args.dataset)
-    model_cfg = config_from_args(args)
-    train_cfg = train_config_from_args(args, model_cfg.method, args.protocol, dataset)
+    recipe = recipe_from_args(args, args.protocol, dataset, parse_shots(args.shots))
+    model_cfg, train_cfg = recipe.model, recipe.train
     device = pdist.init_from_env(args.device)
     info = pdist.info()
     name = args.name or model_cfg.method
@@ -102,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     def run_with(backbone=None):
         return run_protocol(
             args.protocol, dataset, args.root, model_cfg, train_cfg, folder, shots=args.shots, seed=args.seed,
-            name=name, targets=targets, target_root=args.target_root, dataset_templates=args.dataset_templates,
+            name=name, targets=targets, target_root=args.target_root, target_templates=recipe.target_templates,
+            recipe=recipe.to_dict(),
             device=device, backbone=backbone, resume=args.resume, log=log,
         )
 

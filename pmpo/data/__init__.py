@@ -8,6 +8,7 @@ from pmpo.data.datasets import (
     Datum,
     build_dataset,
     clean_classname,
+    dataset_templates,
     list_datasets,
     resolve_dataset_name,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "build_dataset",
     "build_transform",
     "clean_classname",
+    "dataset_templates",
     "few_shot_cache_path",
     "harmonic_mean",
     "list_datasets",

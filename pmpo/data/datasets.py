@@ -736,6 +736,22 @@ def resolve_dataset_name(name: str) -> str:
     raise DatasetError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}.")
 
 
+def dataset_templates(name: str) -> list[str] | None:
+    """A named dataset's own prior templates, known without reading its files: CoOp's
+    ``CUSTOM_TEMPLATES`` for the benchmarks (what the papers' zero-shot rows used), ShapeWorld's
+    for ShapeWorld; ``None`` for user data (imagefolder, csv), which keeps the method's generic one."""
+    key = resolve_dataset_name(name)
+    if key in _SPLIT_FILE_SPECS:
+        return [_SPLIT_FILE_SPECS[key].template]
+    if key == "imagenet" or key in DOMAIN_SHIFT_DATASETS:
+        return [DEFAULT_TEMPLATE]
+    if key in ("shapeworld", "shapeworld_sketch"):
+        from .shapeworld import TEMPLATES
+
+        return list(TEMPLATES)
+    return None
+
+
 def list_datasets() -> list[str]:
     """The dataset keys :func:`build_dataset` accepts."""
     return list(DATASETS)
