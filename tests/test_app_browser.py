@@ -90,3 +90,40 @@ def test_corrupt_upload_shows_message_in_page(page, served, tmp_path):
     page.locator("#classify-status").get_by_text("Error").wait_for()
     text = page.locator("#classify-status").inner_text()
     assert "broken.jpg" in text and "No usable image" in text
+
+
+def test_every_tab_main_flow(page, served):
+    """Examples → classify (learned column on screen at 1400 px) → attention → embeddings → a short
+    training → benchmarks, reading what each tab shows."""
+    from playwright.sync_api import expect
+
+    page.goto(served[0])
+    page.wait_for_selector("#classify-btn")
+    page.locator("#examples-btn").click()
+    expect(page.locator("#images")).to_contain_text("pink_heart")
+    page.locator("#classify-btn").click()
+    expect(page.locator("#classify-status")).to_contain_text("8 image(s), 8 classes", timeout=180_000)
+    header = page.locator("#topk-table th", has_text="learned").first
+    box = header.bounding_box()
+    assert box is not None and box["x"] + box["width"] <= 1400, box  # the main result is not off-screen
+
+    page.get_by_role("tab", name="Per-depth attention").click()
+    page.locator("#attention-btn").click()
+    expect(page.locator("#attention-status")).to_contain_text("Row 1", timeout=120_000)
+
+    page.get_by_role("tab", name="Embeddings").click()
+    page.locator("#embeddings-btn").click()
+    expect(page.locator("#embeddings-status")).to_contain_text("points", timeout=180_000)
+    assert "Internal error" not in page.content()
+
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-examples-btn").click()
+    expect(page.locator("#train-files")).to_contain_text("yellow_star_8")
+    page.locator("#train-btn").click()
+    status = page.locator("#train-status")
+    expect(status).to_contain_text("Held-out accuracy", timeout=300_000)
+    assert "zero-shot" in status.inner_text()
+
+    page.get_by_role("tab", name="Benchmarks").click()
+    expect(page.locator("#benchmarks-status")).to_contain_text("reference rows")
+    assert "Internal error" not in page.content()

@@ -159,7 +159,7 @@ def mass_figure(maps: AttentionMaps) -> Figure:
     layers = list(range(maps.n_layers))
     for i, (first, last) in enumerate(maps.segments):
         ax.axvspan(first - 0.5, last + 0.5, color=f"C{i % 10}", alpha=0.12)
-        ax.text((first + last) / 2, 1.0, f"P{i + 1}", ha="center", va="top", fontsize=8, transform=ax.get_xaxis_transform())
+        ax.text((first + last) / 2, 1.01, f"P{i + 1}", ha="center", va="bottom", fontsize=8, transform=ax.get_xaxis_transform())
     for label, values in maps.layer_mass.items():
         ax.plot(layers, values, marker="o", label=label)
     if not maps.layer_mass:

@@ -91,7 +91,8 @@ def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], im
 
 
 def topk_rows(scores: Scores, k: int) -> list[list]:
-    """Rows: image, rank, then (class, %) for each view."""
+    """Rows: image, rank, then "class · p %" for each view: one column per view keeps the learned
+    column (the main result) on screen at laptop widths (the exact numbers are in the JSON)."""
     k = max(1, min(int(k), len(scores.classnames)))
     rows = []
     tops = {v: scores.probs[v].topk(k, dim=-1) for v in VIEWS}
@@ -100,16 +101,13 @@ def topk_rows(scores: Scores, k: int) -> list[list]:
             row: list = [name, r + 1]
             for v in VIEWS:
                 p, i = tops[v]
-                row += [scores.classnames[int(i[b, r])], round(100 * float(p[b, r]), 2)]
+                row.append(f"{scores.classnames[int(i[b, r])]} · {100 * float(p[b, r]):.1f} %")
             rows.append(row)
     return rows
 
 
 def topk_headers() -> list[str]:
-    out = ["image", "rank"]
-    for v in VIEWS:
-        out += [v, f"{v} %"]
-    return out
+    return ["image", "rank", *VIEWS]
 
 
 PER_PROMPT_K = 2  # each prompt's top-2 alone
@@ -160,25 +158,31 @@ def as_json(scores: Scores, k: int) -> dict:
 
 
 def bar_chart(scores: Scores, k: int) -> Figure:
-    """One row per image (at most MAX_CHART_IMAGES), one panel per view: top-k probabilities."""
+    """One panel per image (at most MAX_CHART_IMAGES): the union of the views' top-k classes, one bar
+    per view and class. A single narrow column, so a 390 px phone screen shows it at a readable size."""
     k = max(1, min(int(k), len(scores.classnames), 10))
     n = min(len(scores.image_names), MAX_CHART_IMAGES)
-    fig = Figure(figsize=(11, 0.5 + (0.35 * k + 0.6) * n), dpi=80, layout="constrained")
-    axes = fig.subplots(n, len(VIEWS), squeeze=False)
     colours = ("#7f7f7f", "#1f77b4", "#d62728")
+    picked = []
     for b in range(n):
+        ids = list(dict.fromkeys(int(i) for v in reversed(VIEWS) for i in scores.probs[v][b].topk(k).indices))
+        picked.append(ids)
+    heights = [0.55 + 0.32 * len(ids) for ids in picked]
+    fig = Figure(figsize=(5.2, 0.6 + sum(heights)), dpi=80, layout="constrained")
+    axes = fig.subplots(n, 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    width = 0.8 / len(VIEWS)
+    for b, (ax, ids) in enumerate(zip(axes, picked)):
+        rows = range(len(ids))[::-1]
         for j, v in enumerate(VIEWS):
-            ax = axes[b][j]
-            p, idx = scores.probs[v][b].topk(k)
-            labels = [scores.classnames[int(i)][:28] for i in idx]
-            ax.barh(range(k)[::-1], [100 * float(q) for q in p], color=colours[j])
-            ax.set_yticks(range(k)[::-1], labels, fontsize=8)
-            ax.set_xlim(0, 100)
-            ax.tick_params(axis="x", labelsize=7)
-            if b == 0:
-                ax.set_title(scores.learned_label if v == "learned" else v, fontsize=9)
-            if j == 0:
-                ax.set_ylabel(scores.image_names[b][:24], fontsize=8)
+            values = [100 * float(scores.probs[v][b][i]) for i in ids]
+            ax.barh([r + (1 - j) * width for r in rows], values, height=width, color=colours[j],
+                    label=scores.learned_label if v == "learned" else v)
+        ax.set_yticks(list(rows), [scores.classnames[i][:24] for i in ids], fontsize=9)
+        ax.set_xlim(0, 100)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_title(scores.image_names[b][:40], fontsize=9, loc="left")
+    axes[0].legend(fontsize=8, loc="lower right", framealpha=0.9)
+    axes[-1].set_xlabel("probability (%)", fontsize=8)
     if len(scores.image_names) > n:
         fig.suptitle(f"first {n} of {len(scores.image_names)} images (all are in the table)", fontsize=9)
     return fig

@@ -117,12 +117,25 @@ def embed(state: AppState, entry: LoadedModel, images, paths, names, classnames,
     return Embedding(frame, method)
 
 
+# Matplotlib's tab10 then the light half of tab20, as hex: the interactive plot (Vega) and the static
+# figure get the same colour for the same class from this one table.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+           "#dbdb8d", "#9edae5")
+
+
+def class_colours(emb: Embedding) -> dict[str, str]:
+    """Class -> colour, in the order the classes were given (cycling after 20)."""
+    classes = list(dict.fromkeys(emb.frame["class"]))
+    return {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(classes)}
+
+
 def figure(emb: Embedding) -> Figure:
     """Static view: colour = class, marker = source (the interactive plot has hover)."""
     fig = Figure(figsize=(8, 6), dpi=80, layout="constrained")
     ax = fig.subplots()
-    classes = list(dict.fromkeys(emb.frame["class"]))
-    colour = {c: f"C{i % 10}" for i, c in enumerate(classes)}
+    colour = class_colours(emb)
+    classes = list(colour)
     prompt_markers = ["^", "v", "<", ">", "P", "X", "D", "p"]
     for source, group in emb.frame.groupby("source", sort=False):
         marker = MARKERS.get(source) or prompt_markers[(int(source.rsplit(" ", 1)[-1]) - 1) % len(prompt_markers)]

@@ -135,7 +135,8 @@ def build_demo(state: AppState) -> gr.Blocks:
         status = (f"{len(emb.frame)} points ({len(loaded.names)} images × 2 views, {len(classes.names)} classes × "
                   f"{emb.frame['source'].str.startswith('text').sum() // max(1, len(classes.names))} text sources), {method}. "
                   "Hover a point to see it. " + notices_md(entry.notices, loaded.notices))
-        return status, emb.frame, embeddings_tab.figure(emb)
+        scatter = gr.ScatterPlot(value=emb.frame, color_map=embeddings_tab.class_colours(emb))
+        return status, scatter, embeddings_tab.figure(emb)
 
     @guarded(lambda message: (gr.update(),))
     def upload_checkpoint(file, bb_model, bb_pretrained, request: gr.Request):
@@ -237,7 +238,7 @@ def build_demo(state: AppState) -> gr.Blocks:
                                        value=DEFAULT_TEMPLATES, elem_id="templates")
                 checkpoint = gr.Dropdown(label="Prompt checkpoint", choices=state.checkpoint_choices(),
                                          value=state.default_choice, elem_id="checkpoint")
-                ckpt_upload = gr.File(label="Upload a prompt checkpoint (.safetensors)", file_count="single", height=90)
+                ckpt_upload = gr.File(label="Upload a prompt checkpoint (.safetensors)", file_count="single", height=130)
                 ckpt_status = gr.Markdown()
                 with gr.Accordion("Backbone (frozen CLIP)", open=False):
                     allowed = state.allowed_backbones()
@@ -271,16 +272,20 @@ def build_demo(state: AppState) -> gr.Blocks:
                                                     choices=[""] + EXAMPLE_CLASSES, value="", allow_custom_value=True)
                             att_btn = gr.Button("Show attention", variant="primary", elem_id="attention-btn")
                         att_status = gr.Markdown(elem_id="attention-status")
-                        att_maps = gr.Plot(label="Per-depth-segment maps")
-                        att_mass = gr.Plot(label="Attention on prompt tokens per layer")
+                        # Captions as text above the figures: Gradio's label badge would cover their titles.
+                        gr.Markdown("**Per-depth-segment maps**")
+                        att_maps = gr.Plot(show_label=False)
+                        gr.Markdown("**Attention on prompt tokens per layer**")
+                        att_mass = gr.Plot(show_label=False)
                     with gr.Tab("Embeddings", id="embeddings"):
                         with gr.Row():
                             emb_method = gr.Radio(list(embeddings_tab.METHODS), value="UMAP", label="Projection")
                             emb_btn = gr.Button("Map embeddings", variant="primary", elem_id="embeddings-btn")
                         emb_status = gr.Markdown(elem_id="embeddings-status")
                         emb_scatter = gr.ScatterPlot(x="x", y="y", color="class", tooltip=["item", "source", "class"],
-                                                     label="Images and class texts (hover for details)", height=420)
-                        emb_figure = gr.Plot(label="Colour = class, marker = source")
+                                                     label="Images and class texts (hover for details)", height=560)
+                        gr.Markdown("**Static view** (colour = class, marker = source)")
+                        emb_figure = gr.Plot(show_label=False)
                     with gr.Tab("Train", id="train"):
                         gr.Markdown("Few-shot prompt training on your images: upload files (labels guessed from the file "
                                     "names, editable below), or a zip with one folder per class"
