@@ -4,6 +4,7 @@ attribute targets the auxiliary heads learn from match the rendered scenes."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,21 @@ def test_uncaptioned_scenes_get_their_own_heads(tool):
     shared = tool.AttributeHeads(16)
     _, accs = shared.loss(feats.detach(), targets, n_captioned=8)
     assert "ds_shape" in accs and shared.uncaptioned is None
+
+
+def test_hidden_shape_words_leave_every_other_attribute(tool):
+    from pmpo.data import shapeworld as sw
+
+    rng = np.random.default_rng(3)
+    hidden = kept = 0
+    for _ in range(200):
+        s = sw.sample_scene(rng, p_two=0.5)
+        out = tool.hide_shape_words(s.caption, s.objects, rng, 0.25)
+        assert all(o.colour in out for o in s.objects)  # only the shape word ever goes
+        if out == s.caption:
+            kept += 1
+        else:
+            hidden += 1
+            assert not any(re.search(rf"\b{o.shape}\b", out) for o in s.objects) and "shape" in out
+    assert 20 < kept < 90 and hidden > 110  # about a quarter keep it
+    assert tool.hide_shape_words("a red circle.", [sw.ObjectAttrs("circle", "red")], rng, 1.0) == "a red circle."

@@ -37,6 +37,7 @@ import platform
 import sys
 import threading
 import queue
+import re
 import time
 from pathlib import Path
 
@@ -126,8 +127,19 @@ def attribute_targets(samples) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+def hide_shape_words(caption: str, objects, rng: np.random.Generator, p_keep: float) -> str:
+    """With probability 1 - ``p_keep`` the caption names no shape ("a red striped shape"): web captions
+    rarely name the attribute a fine-grained benchmark asks for, so the text side reads it weakly while
+    the attribute heads keep it in the image features -- the gap a prompt can learn to close."""
+    if p_keep >= 1.0 or rng.random() < p_keep:
+        return caption
+    for o in objects:
+        caption = re.sub(rf"\b{o.shape}\b", "shape", caption, count=1)
+    return caption
+
+
 def make_batch(seed: int, step: int, batch_size: int, p_two: float, mean: torch.Tensor, std: torch.Tensor,
-               p_grouped: float = 0.0, n_uncaptioned: int = 0):
+               p_grouped: float = 0.0, n_uncaptioned: int = 0, p_shape_word: float = 1.0):
     """A fraction ``p_grouped`` of the batch comes in hard-negative groups (half varying shape,
     half colour), the rest are independent random scenes (two objects with prob. ``p_two``).
     ``n_uncaptioned`` more single-object scenes in the *downstream* rendering style are appended
@@ -140,7 +152,7 @@ def make_batch(seed: int, step: int, batch_size: int, p_two: float, mean: torch.
     for g in range(n_groups):
         samples += _group(rng, "shape" if g % 2 == 0 else "colour")
     samples += [sw.sample_scene(rng, "pretrain", p_two=p_two) for _ in range(batch_size - len(samples))]
-    captions = [s.caption for s in samples]
+    captions = [hide_shape_words(s.caption, s.objects, rng, p_shape_word) for s in samples]
     samples += [sw.sample_scene(rng, "downstream", p_two=0.0) for _ in range(n_uncaptioned)]
     x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div_(255)
     x = (x - mean) / std
@@ -150,18 +162,19 @@ def make_batch(seed: int, step: int, batch_size: int, p_two: float, mean: torch.
 class Prefetcher:
     """Renders batches in a background thread (numpy / PIL release the GIL for much of it)."""
 
-    def __init__(self, seed, batch_size, p_two, mean, std, p_grouped=0.0, n_uncaptioned=0, start_step=0, depth=3):
+    def __init__(self, seed, batch_size, p_two, mean, std, p_grouped=0.0, n_uncaptioned=0, start_step=0, depth=3,
+                 p_shape_word=1.0):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.args = (seed, batch_size, p_two, mean, std, p_grouped, n_uncaptioned)
+        self.args = (seed, batch_size, p_two, mean, std, p_grouped, n_uncaptioned, p_shape_word)
         self.step = start_step
         self.stop = False
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
 
     def _run(self):
-        seed, bs, p_two, mean, std, p_grouped, n_unc = self.args
+        seed, bs, p_two, mean, std, p_grouped, n_unc, p_word = self.args
         while not self.stop:
-            self.q.put(make_batch(seed, self.step, bs, p_two, mean, std, p_grouped, n_unc))
+            self.q.put(make_batch(seed, self.step, bs, p_two, mean, std, p_grouped, n_unc, p_word))
             self.step += 1
 
     def get(self):
@@ -567,6 +580,8 @@ def main(argv=None):
     ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from --out's eval.json and exit")
     ap.add_argument("--eval-every", type=int, default=0, help="probe / zero-shot on the probe draws every N steps")
     ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--p-shape-word", type=float, default=1.0,
+                    help="fraction of captions that name the shape (the rest say 'shape'; see hide_shape_words)")
     ap.add_argument("--shift", action="append", default=[], metavar="KEY=VALUE",
                     help="override one knob of pmpo.data.shapeworld.DOWNSTREAM_SHIFT for this run (the uncaptioned "
                          "scenes and the probe draws; repeatable; recorded in eval.json)")
@@ -631,7 +646,8 @@ def main(argv=None):
     mean = torch.tensor(PREPROCESS_CFG["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(PREPROCESS_CFG["std"]).view(1, 3, 1, 1)
     tok = CaptionTokens()
-    pf = Prefetcher(args.seed, args.batch_size, args.p_two, mean, std, args.p_grouped, args.n_uncaptioned)
+    pf = Prefetcher(args.seed, args.batch_size, args.p_two, mean, std, args.p_grouped, args.n_uncaptioned,
+                    p_shape_word=args.p_shape_word)
 
     total = args.steps
     t0 = time.time()
@@ -700,7 +716,8 @@ def main(argv=None):
                      "minutes": args.minutes, "p_grouped": args.p_grouped,
                      "aux_weight": args.aux_weight, "clip_grad": args.clip_grad, "model_cfg": model_cfg,
                      "grown": bool(args.init and args.grow), "n_uncaptioned": args.n_uncaptioned,
-                     "separate_heads": args.separate_heads, "shift": dict(sw.DOWNSTREAM_SHIFT), "residual_scale": args.residual_scale if not args.init else None,
+                     "separate_heads": args.separate_heads, "shift": dict(sw.DOWNSTREAM_SHIFT),
+                     "p_shape_word": args.p_shape_word, "residual_scale": args.residual_scale if not args.init else None,
                      "device": str(device) + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
                                               if device.type == "cuda" else ""),
                      "probe_curve": curve,
