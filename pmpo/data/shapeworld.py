@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "SHAPES", "COLOURS", "COLOUR_RGB", "SIZES", "FILLS", "POSITIONS", "STYLES",
-    "IMAGE_SIZE", "ObjectAttrs", "Sample", "render_scene", "sample_objects",
+    "IMAGE_SIZE", "ObjectAttrs", "Render", "Sample", "SceneMasks", "render", "render_scene", "sample_objects",
     "sample_scene", "make_caption", "generate", "class_combos", "class_names",
     "CLASS_COMBOS", "base_new_split", "sample_class_scene", "generate_eval_set",
     "build_shapeworld_splits", "TEMPLATES", "DOWNSTREAM_SHIFT",
@@ -132,6 +132,7 @@ class Sample:
     background: str = "plain"
     n_distractors: int = 0                 # grey distractors (never in the caption)
     label: int | None = None               # class id for classification samples
+    masks: "SceneMasks | None" = None      # where each object and distractor is (ground truth)
 
     def pil(self) -> Image.Image:
         return Image.fromarray(self.image, "RGB")
@@ -325,6 +326,41 @@ def _object_colour(colour: str, rng: np.random.Generator, jitter: float) -> np.n
     return np.clip(base, 0, 255)
 
 
+@dataclass
+class SceneMasks:
+    """Pixel masks (H, W) bool of a rendered scene, the ground truth of where things are.
+
+    ``objects[i]`` is the region of main object i (its whole polygon, whatever its fill: a striped
+    circle occupies its disc); ``distractors[j]`` the visible part of grey distractor j (objects are
+    drawn over distractors)."""
+
+    objects: list[np.ndarray]
+    distractors: list[np.ndarray]
+
+    @property
+    def target(self) -> np.ndarray:
+        """Union of the main objects (the one object of a classification scene)."""
+        out = np.zeros_like(self.objects[0]) if self.objects else np.zeros((0, 0), bool)
+        for m in self.objects:
+            out = out | m
+        return out
+
+    @property
+    def distractor(self) -> np.ndarray:
+        out = np.zeros_like(self.target)
+        for m in self.distractors:
+            out = out | m
+        return out
+
+
+@dataclass
+class Render:
+    image: np.ndarray
+    background: str
+    n_distractors: int
+    masks: SceneMasks
+
+
 def render_scene(objects: Sequence[ObjectAttrs], style: str = "pretrain",
                  rng: np.random.Generator | None = None, size: int = IMAGE_SIZE,
                  n_distractors: int | None = None, return_background: bool = False):
@@ -333,7 +369,18 @@ def render_scene(objects: Sequence[ObjectAttrs], style: str = "pretrain",
     ``n_distractors`` (downstream style only) adds that many small grey shapes that the
     caption never mentions; ``None`` draws a random number.  With ``return_background``
     the background kind is returned too: ``(image, background_kind, n_distractors)``.
+    :func:`render` gives the same image with its masks.
     """
+    r = render(objects, style, rng, size, n_distractors)
+    if return_background:
+        return r.image, r.background, r.n_distractors
+    return r.image
+
+
+def render(objects: Sequence[ObjectAttrs], style: str = "pretrain", rng: np.random.Generator | None = None,
+           size: int = IMAGE_SIZE, n_distractors: int | None = None) -> Render:
+    """The scene of :func:`render_scene` and its :class:`SceneMasks` (the masks draw no random
+    numbers, so images are identical to render_scene's for the same rng state)."""
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
     rng = rng if rng is not None else np.random.default_rng()
@@ -343,6 +390,8 @@ def render_scene(objects: Sequence[ObjectAttrs], style: str = "pretrain",
     downstream = style == "downstream"
 
     n_dis = 0
+    object_masks: list[np.ndarray] = []
+    distractor_masks: list[np.ndarray] = []
     if downstream:
         n_dis = int(rng.integers(0, int(sh["n_distractors_max"]) + 1)) if n_distractors is None else n_distractors
         occupied = [(_POS_XY[o.position][0] * size, _POS_XY[o.position][1] * size) for o in objects]
@@ -356,6 +405,7 @@ def render_scene(objects: Sequence[ObjectAttrs], style: str = "pretrain",
             m = _fill_mask(poly, size)
             g = rng.uniform(60, 200)
             img[m] = g + rng.uniform(-6, 6, 3)
+            distractor_masks = [d & ~m for d in distractor_masks] + [m]  # later ones cover earlier ones
 
     for o in objects:
         fx, fy = _POS_XY[o.position]
@@ -375,9 +425,13 @@ def render_scene(objects: Sequence[ObjectAttrs], style: str = "pretrain",
         if style == "sketch":
             poly = poly + rng.normal(0, 0.035 * r, poly.shape)
             m = _line_mask(poly, size, int(rng.integers(1, 3)))
+            region = _fill_mask(poly, size) | m
         else:
-            m = _apply_fill(_fill_mask(poly, size), o.fill, rng, size)
+            region = _fill_mask(poly, size)
+            m = _apply_fill(region, o.fill, rng, size)
         img[m] = col
+        object_masks.append(region)
+        distractor_masks = [d & ~region for d in distractor_masks]
 
     if style == "pretrain":
         if rng.random() < 0.3:
@@ -389,9 +443,7 @@ def render_scene(objects: Sequence[ObjectAttrs], style: str = "pretrain",
     else:
         img += rng.normal(0, 3, img.shape)
     out = np.clip(img, 0, 255).astype(np.uint8)
-    if return_background:
-        return out, bg_kind, n_dis
-    return out
+    return Render(out, bg_kind, n_dis, SceneMasks(object_masks, distractor_masks))
 
 
 # --------------------------------------------------------------------------------------
@@ -488,9 +540,10 @@ def sample_scene(rng: np.random.Generator, style: str = "pretrain", p_two: float
     """A random captioned scene: one object, or two with probability ``p_two``."""
     n = 2 if rng.random() < p_two else 1
     objs = sample_objects(rng, n, style)
-    image, bg, n_dis = render_scene(objs, style, rng, size=size, return_background=True)
+    r = render(objs, style, rng, size=size)
     caption = make_caption(objs, rng, style)
-    return Sample(image=image, objects=objs, caption=caption, style=style, background=bg, n_distractors=n_dis)
+    return Sample(image=r.image, objects=objs, caption=caption, style=style, background=r.background,
+                  n_distractors=r.n_distractors, masks=r.masks)
 
 
 def generate(n: int, seed: int, style: str = "pretrain", p_two: float = 0.25,
@@ -537,9 +590,9 @@ def sample_class_scene(label: int, rng: np.random.Generator, style: str = "downs
     fill = "outline" if style == "sketch" else FILLS[int(rng.integers(len(FILLS)))]
     obj = ObjectAttrs(shape=shape, colour=colour, size=SIZES[int(rng.integers(len(SIZES)))],
                       fill=fill, position=POSITIONS[int(rng.integers(len(POSITIONS)))])
-    image, bg, n_dis = render_scene([obj], style, rng, size=size, return_background=True)
-    return Sample(image=image, objects=[obj], caption=make_caption([obj], rng, style), style=style,
-                  background=bg, n_distractors=n_dis, label=label)
+    r = render([obj], style, rng, size=size)
+    return Sample(image=r.image, objects=[obj], caption=make_caption([obj], rng, style), style=style,
+                  background=r.background, n_distractors=r.n_distractors, label=label, masks=r.masks)
 
 
 def _rng_for(seed: int, *keys: str | int) -> np.random.Generator:
