@@ -54,7 +54,8 @@ def shrink(path: Path, width: int = 1100) -> None:
     im = Image.open(path).convert("RGB")
     if im.width > width:
         im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
-    im.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    # Octree keeps small saturated areas (plot markers, legend swatches); median cut greyed them out.
+    im.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
 
 
 def screenshots(url: str, out: Path, examples: list[str]) -> list[Path]:

@@ -181,7 +181,8 @@ def bar_chart(scores: Scores, k: int) -> Figure:
         ax.set_xlim(0, 100)
         ax.tick_params(axis="x", labelsize=8)
         ax.set_title(scores.image_names[b][:40], fontsize=9, loc="left")
-    axes[0].legend(fontsize=8, loc="lower right", framealpha=0.9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=1, fontsize=8, frameon=False)
     axes[-1].set_xlabel("probability (%)", fontsize=8)
     if len(scores.image_names) > n:
         fig.suptitle(f"first {n} of {len(scores.image_names)} images (all are in the table)", fontsize=9)

@@ -283,7 +283,8 @@ def build_demo(state: AppState) -> gr.Blocks:
                             emb_btn = gr.Button("Map embeddings", variant="primary", elem_id="embeddings-btn")
                         emb_status = gr.Markdown(elem_id="embeddings-status")
                         emb_scatter = gr.ScatterPlot(x="x", y="y", color="class", tooltip=["item", "source", "class"],
-                                                     label="Images and class texts (hover for details)", height=560)
+                                                     label="Images and class texts (hover for details)")
+                        # No fixed height: with one, Gradio's Vega plot fills it and clips its own legend.
                         gr.Markdown("**Static view** (colour = class, marker = source)")
                         emb_figure = gr.Plot(show_label=False)
                     with gr.Tab("Train", id="train"):
