@@ -58,5 +58,35 @@ def test_scores_are_exact_on_synthetic_maps():
     off = np.zeros((8, 8))
     off[7, 7] = 1.0
     assert score_map(off, labels).pointing == 0.0 and (labels.labels[7, 7] == REST)
-    with pytest.raises(ValueError, match="grid"):
-        patch_labels(target[:60], distractor[:60], (8, 8))
+    with pytest.raises(ValueError, match="differ"):
+        patch_labels(target, distractor[:60], (8, 8))
+    odd = patch_labels(target, distractor, (14, 14))  # ViT-B/16's grid on a 64-px scene
+    assert odd.labels.shape == (14, 14) and 0 < odd.chance < 0.2
+
+
+def test_model_attention_is_scored_per_layer_and_pass(tiny_model, tmp_path):
+    from pmpo import PMPOConfig, build_model, load_backbone
+    from pmpo.analysis.attention_truth import attention_scores, summarise
+    from pmpo.cli import main
+
+    backbone = load_backbone(tiny_model)
+    model = build_model(PMPOConfig(method="pmpo", model=backbone.model_name, pretrained="none",
+                                   visual_pass="per_prompt"), backbone=backbone)
+    samples = sw.generate_eval_samples(5, 1, "downstream", labels=[0, 9, 40])
+    rows = attention_scores(model, samples, batch_size=2)
+    layers = model.vision.n_layers
+    assert len(rows) == 3 * layers * (1 + model.prompts.n_prompts)  # zero-shot + one pass per prompt
+    for r in rows:
+        parts = r["target"] + r["distractors"] + r["rest"] + r["prompts"]
+        assert parts == pytest.approx(1.0) and all(0 <= r[k] <= 1 for k in ("target", "pointing", "chance"))
+        if r["pass"].startswith("zero-shot"):
+            assert r["prompts"] == 0.0
+    prompted = [r for r in rows if r["pass"] == "prompt 1 pass" and r["layer"] == 0]
+    assert all(r["prompts"] > 0 for r in prompted) and prompted[0]["prompts_in_layer"] == "1"
+    assert len(summarise(rows)) == layers * (1 + model.prompts.n_prompts)
+
+    out = tmp_path / "truth"
+    assert main(["analyze", "attention_truth", "--model", tiny_model, "--pretrained", "none", "--device", "cpu",
+                 "--method", "maple", "--per-class", "1", "--max-classes", "4", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"attention_truth.csv", "attention_truth_per_image.csv",
+                                                 "attention_truth.png", "attention_truth.pdf"}

@@ -13,6 +13,7 @@ from types import ModuleType
 
 ANALYSES = (
     "attention_atlas",
+    "attention_truth",
     "prompt_words",
     "prompt_geometry",
     "embedding_clusters",

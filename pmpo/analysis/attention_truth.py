@@ -6,17 +6,26 @@ distractors' patches, on the rest of the image and on the prompt tokens, and whe
 attended patch lies on the target (the pointing game). Chance is the target's share of the
 patches: what a uniform map scores.
 
-This module holds the scoring (model-independent, exact on synthetic maps); the per-layer,
-per-prompt analysis over a model's attention builds on it.
+``score_map`` / ``patch_labels`` are model-independent (exact on synthetic maps);
+``attention_scores`` applies them to every vision layer of a model, for the plain (zero-shot)
+pass and the prompted pass(es); ``run`` is ``pmpo analyze attention_truth``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import torch
+from PIL import Image
 
-__all__ = ["PatchLabels", "MapScores", "patch_labels", "score_map"]
+__all__ = ["PatchLabels", "MapScores", "attention_scores", "patch_labels", "score_map"]
+NAME = "attention_truth"
+DESCRIPTION = ("Per vision layer and pass: CLS attention mass on the target object, distractors, the rest and "
+               "the prompt tokens, and the pointing game, scored against ShapeWorld's masks (chance = target area).")
 
 TARGET, DISTRACTOR, REST = 0, 1, 2
 
@@ -45,14 +54,20 @@ class MapScores:
 
 
 def patch_labels(target: np.ndarray, distractor: np.ndarray, grid: tuple[int, int]) -> PatchLabels:
-    """Label each patch of ``grid`` from (H, W) bool masks; H and W must be multiples of the grid."""
+    """Label each patch of ``grid`` from (H, W) bool masks of the whole (square-resized) image; pixel
+    (y, x) falls in patch (y * rows // H, x * cols // W), so any grid works (14 x 14 on 64-px scenes)."""
     rows, cols = grid
     h, w = target.shape
-    if h % rows or w % cols or distractor.shape != target.shape:
-        raise ValueError(f"masks of shape {target.shape} / {distractor.shape} do not tile a {rows}x{cols} grid")
+    if distractor.shape != target.shape:
+        raise ValueError(f"target mask {target.shape} and distractor mask {distractor.shape} differ")
+    row_of = np.arange(h) * rows // h
+    col_of = np.arange(w) * cols // w
 
     def any_in_patch(mask: np.ndarray) -> np.ndarray:
-        return mask.reshape(rows, h // rows, cols, w // cols).any(axis=(1, 3))
+        out = np.zeros((rows, cols), dtype=bool)
+        ys, xs = np.nonzero(mask)
+        out[row_of[ys], col_of[xs]] = True
+        return out
 
     labels = np.full((rows, cols), REST, dtype=np.int64)
     labels[any_in_patch(distractor)] = DISTRACTOR
@@ -77,3 +92,118 @@ def score_map(patch_attention: np.ndarray, labels: PatchLabels, prompt_attention
     return MapScores(target=part[TARGET], distractors=part[DISTRACTOR], rest=part[REST],
                      prompts=float(prompt_attention / total),
                      pointing=float(labels.labels[peak] == TARGET), chance=labels.chance)
+
+
+# --- a model's attention, per layer and pass --------------------------------------------------------
+
+def _passes(model) -> list[tuple[str, list | None]]:
+    """(label, visual schedule) of the plain pass and of the model's prompted pass(es)."""
+    out: list[tuple[str, list | None]] = [("zero-shot (no prompts)", None)]
+    if model.prompts is None or not model.prompts.segments:
+        return out
+    if model.cfg.visual_pass == "per_prompt":
+        return out + [(f"prompt {i + 1} pass", model.visual_schedule(i)) for i in range(model.prompts.n_prompts)]
+    return out + [("prompted", model.visual_schedule())]
+
+
+@torch.no_grad()
+def attention_scores(model, samples: Sequence, batch_size: int = 32) -> list[dict]:
+    """One row per (pass, layer, image): the MapScores of the CLS token's attention (mean over heads)
+    at the input of that layer's softmax, scored against the sample's masks."""
+    model.eval()
+    grid = model.vision.grid_size
+    transform = model.eval_transform()
+    labels = [patch_labels(s.masks.target, s.masks.distractor, grid) for s in samples]
+    passes = _passes(model)
+    segments = model.prompts.layer_segments(model.vision.n_layers) if model.prompts is not None and model.prompts.segments else None
+    rows = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        x = torch.stack([transform(Image.fromarray(s.image, "RGB")) for s in chunk]).to(model.device)
+        for label, schedule in passes:
+            out = model.vision(x, schedule, return_attention=True)
+            n = out.n_tokens
+            for layer, probs in enumerate(out.attentions):
+                cls = probs[:, :, 0].float().mean(1).cpu().numpy()  # [B, T]
+                for b, sample in enumerate(chunk):
+                    scores = score_map(cls[b, 1:n].reshape(grid), labels[start + b], float(cls[b, n:].sum()))
+                    rows.append({"pass": label, "layer": layer, "image": start + b, "class": sample.objects[0].classname,
+                                 "prompts_in_layer": " ".join(str(i + 1) for i in segments[layer]) if segments else "",
+                                 **asdict(scores)})
+    return rows
+
+
+def summarise(rows: Sequence[dict]) -> list[dict]:
+    """Mean over images per (pass, layer)."""
+    keys = list(dict.fromkeys((r["pass"], r["layer"]) for r in rows))
+    fields = ("target", "distractors", "rest", "prompts", "pointing", "chance")
+    out = []
+    for p, layer in keys:
+        group = [r for r in rows if r["pass"] == p and r["layer"] == layer]
+        out.append({"pass": p, "layer": layer, "n_images": len(group), "prompts_in_layer": group[0]["prompts_in_layer"],
+                    **{f: float(np.mean([r[f] for r in group])) for f in fields}})
+    return out
+
+
+def plot(summary: Sequence[dict], out: Path, title: str) -> list[Path]:
+    from pmpo.analysis import style
+
+    fig, axes = style.figure("page", aspect=0.32, ncols=2)
+    passes = list(dict.fromkeys(r["pass"] for r in summary))
+    for i, p in enumerate(passes):
+        group = [r for r in summary if r["pass"] == p]
+        layers = [r["layer"] for r in group]
+        colour = "black" if i == 0 else style.segment_colour(i - 1)
+        axes[0].plot(layers, [r["target"] for r in group], marker="o", color=colour, label=p)
+        axes[1].plot(layers, [r["pointing"] for r in group], marker="o", color=colour, label=p)
+    chance = summary[0]["chance"]
+    for ax, name in zip(axes, ("CLS attention mass on the target", "pointing game (peak on target)")):
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=0.8, label="chance (target area)")
+        ax.set_xlabel("vision layer")
+        ax.set_ylabel(name)
+        ax.set_ylim(0, 1)
+        ax.set_xticks(sorted({r["layer"] for r in summary}))
+    axes[1].legend(fontsize=6, loc="best")
+    fig.suptitle(title, fontsize=8)
+    return style.save_figure(fig, out, NAME)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pmpo.analysis import common
+
+    common.add_common_args(parser, NAME)
+    parser.add_argument("--style", default="downstream", choices=("downstream", "sketch", "pretrain"),
+                        help="ShapeWorld rendering of the scored images (default: downstream)")
+    parser.add_argument("--seed", type=int, default=1234, help="eval-set seed (default: 1234, the model card's)")
+    parser.add_argument("--per-class", type=int, default=2, help="images per class (default: 2)")
+    parser.add_argument("--max-classes", type=int, default=64, help="first K of the 64 classes (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    from pmpo.analysis import common, style
+    from pmpo.data import shapeworld as sw
+    from pmpo.errors import InputError
+
+    if args.per_class < 1 or not 1 <= args.max_classes <= len(sw.CLASS_COMBOS):
+        raise InputError("--per-class must be >= 1 and --max-classes in 1..64")
+    out = common.prepare_out(args)
+    model = common.load_model(args)
+    samples = sw.generate_eval_samples(args.seed, args.per_class, args.style, labels=range(args.max_classes))
+    rows = attention_scores(model, samples, args.batch_size)
+    summary = summarise(rows)
+    per_image = style.write_csv(out / f"{NAME}_per_image.csv", rows)
+    table = style.write_csv(out / f"{NAME}.csv", summary)
+    backbone = model.backbone.model_name.rstrip("/").rsplit("/", 1)[-1]  # no local paths in a paper figure
+    title = f"{model.cfg.method} on {backbone}: {len(samples)} ShapeWorld {args.style} images (seed {args.seed})"
+    return [table, per_image] + plot(summary, out, title)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pmpo.analysis import common
+
+    return common.main_for(NAME, add_arguments, run, DESCRIPTION, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

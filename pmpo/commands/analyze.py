@@ -13,7 +13,7 @@ from ..errors import InputError
 from . import SUMMARIES
 
 # Kept in step with analysis.ANALYSES (a test checks); listed here so --help works without importing it.
-ANALYSES = ("attention_atlas", "prompt_words", "prompt_geometry", "embedding_clusters", "ablations", "tables")
+ANALYSES = ("attention_atlas", "attention_truth", "prompt_words", "prompt_geometry", "embedding_clusters", "ablations", "tables")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

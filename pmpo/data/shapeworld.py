@@ -47,7 +47,7 @@ __all__ = [
     "SHAPES", "COLOURS", "COLOUR_RGB", "SIZES", "FILLS", "POSITIONS", "STYLES",
     "IMAGE_SIZE", "ObjectAttrs", "Render", "Sample", "SceneMasks", "render", "render_scene", "sample_objects",
     "sample_scene", "make_caption", "generate", "class_combos", "class_names",
-    "CLASS_COMBOS", "base_new_split", "sample_class_scene", "generate_eval_set",
+    "CLASS_COMBOS", "base_new_split", "sample_class_scene", "generate_eval_samples", "generate_eval_set",
     "build_shapeworld_splits", "TEMPLATES", "DOWNSTREAM_SHIFT",
 ]
 
@@ -600,6 +600,23 @@ def _rng_for(seed: int, *keys: str | int) -> np.random.Generator:
     return np.random.default_rng(ints)
 
 
+def generate_eval_samples(seed: int = 1234, n_per_class: int = 10, style: str = "downstream",
+                          size: int = IMAGE_SIZE, labels: Sequence[int] | None = None) -> list[Sample]:
+    """The scenes of :func:`generate_eval_set` as :class:`Sample` objects (with their masks).
+
+    ``labels`` keeps only those classes; the others are still drawn, so every kept image is the
+    same as in the full set."""
+    rng = _rng_for(seed, "eval", style)
+    keep = set(range(len(CLASS_COMBOS)) if labels is None else labels)
+    out = []
+    for label in range(len(CLASS_COMBOS)):
+        for _ in range(n_per_class):
+            sample = sample_class_scene(label, rng, style, size)
+            if label in keep:
+                out.append(sample)
+    return out
+
+
 def generate_eval_set(seed: int = 1234, n_per_class: int = 10, style: str = "downstream",
                       size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Fixed labelled evaluation images: ``(images uint8 (N, H, W, 3), labels int64 (N,))``.
@@ -607,13 +624,8 @@ def generate_eval_set(seed: int = 1234, n_per_class: int = 10, style: str = "dow
     Class-major order (all images of label 0, then label 1, ...), one rng seeded with
     ``(seed, hash(style))`` drawing every image in that order.
     """
-    rng = _rng_for(seed, "eval", style)
-    images, labels = [], []
-    for label in range(len(CLASS_COMBOS)):
-        for _ in range(n_per_class):
-            images.append(sample_class_scene(label, rng, style, size).image)
-            labels.append(label)
-    return np.stack(images), np.array(labels, dtype=np.int64)
+    samples = generate_eval_samples(seed, n_per_class, style, size)
+    return np.stack([s.image for s in samples]), np.array([s.label for s in samples], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------
