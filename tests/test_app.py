@@ -492,3 +492,33 @@ def test_space_restricts_backbones_to_an_allow_list(state, monkeypatch, wide_mod
     with pytest.raises(InputError, match="only these backbones"):
         state.backbone(BackboneSpec.of("ViT-L-14", "openai"))
     assert state.backbone(BackboneSpec.of(wide_model, None)).image_size > 0  # listed by the owner
+
+
+def test_attention_tab_scores_examples_against_their_masks(tmp_path):
+    """The example images have known masks (matched on pixels, not names); other images have none."""
+    from PIL import Image
+
+    from pmpo.app.attention import AttentionMaps, truth_table
+    from pmpo.app.state import example_images, example_masks
+
+    path = example_images(tmp_path)[0]
+    image = Image.open(path)
+    masks = example_masks(image)
+    assert masks is not None and masks.target.any()
+    renamed = tmp_path / "mine.png"
+    image.save(renamed)
+    assert example_masks(Image.open(renamed)) is not None  # same pixels, other name: still known
+    edited = image.copy()
+    edited.putpixel((0, 0), (1, 2, 3))
+    assert example_masks(edited) is None
+    grid = 4
+    on_object = np.zeros((grid, grid))
+    rows, cols = np.nonzero(masks.target)
+    on_object[rows * grid // masks.target.shape[0], cols * grid // masks.target.shape[1]] = 1.0
+    maps = AttentionMaps("red circle", np.zeros((8, 8, 3), np.uint8), ["plain", "prompt 1"], [on_object, np.full((grid, grid), 0.5 / grid ** 2)],
+                         [on_object, on_object], [0.0, 0.0], {}, [(0, 0)], 1, [0.0, 0.5])
+    table = truth_table(maps, masks)
+    assert "| plain | 1.00 | 0.00 | 0.00 | yes |" in table and "Ground truth" in table
+    last = table.splitlines()[-1]  # half the attention on prompts, the rest uniform over the patches
+    assert last.startswith("| prompt 1 |") and "| 0.50 |" in last
+    assert "No ground truth" in truth_table(maps, None)

@@ -110,6 +110,7 @@ def test_every_tab_main_flow(page, served):
     page.get_by_role("tab", name="Per-depth attention").click()
     page.locator("#attention-btn").click()
     expect(page.locator("#attention-status")).to_contain_text("Row 1", timeout=120_000)
+    expect(page.locator("#attention-status")).to_contain_text("Ground truth")  # an example image: masks known
 
     page.get_by_role("tab", name="Embeddings").click()
     page.locator("#embeddings-btn").click()

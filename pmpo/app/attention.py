@@ -42,6 +42,25 @@ class AttentionMaps:
     layer_mass: dict[str, list[float]]  # pass label -> per-layer CLS attention to prompt tokens
     segments: list[tuple[int, int]]
     n_layers: int
+    prompt_share: list[float]  # per column: CLS attention on prompt tokens, mean over its layers
+
+
+def truth_table(maps: AttentionMaps, masks) -> str:
+    """Markdown: each column's CLS attention scored against the image's object masks
+    (pmpo.analysis.attention_truth), or a line saying there is no ground truth."""
+    if masks is None:
+        return ("*No ground truth for this image: attention is scored against object masks only for the "
+                "ShapeWorld example images (Use example images).*")
+    from pmpo.analysis.attention_truth import patch_labels, score_map
+
+    labels = patch_labels(masks.target, masks.distractor, maps.cls_maps[0].shape)
+    lines = ["| column | mass on the object | on distractors | on prompt tokens | peak on the object |",
+             "|---|---:|---:|---:|:---:|"]
+    for title, grid, share in zip(maps.titles, maps.cls_maps, maps.prompt_share):
+        s = score_map(grid, labels, share)
+        lines.append(f"| {title} | {s.target:.2f} | {s.distractors:.2f} | {s.prompts:.2f} | {'yes' if s.pointing else 'no'} |")
+    return ("**Ground truth** (this is a ShapeWorld example, its object mask is known); chance = the object's share "
+            f"of the patches, {labels.chance:.2f}:\n\n" + "\n".join(lines))
 
 
 def vision_passes(model, x: torch.Tensor) -> tuple[VisionOutput, list[VisionOutput]]:
@@ -106,12 +125,14 @@ def attention_maps(state: AppState, entry: LoadedModel, image: Image.Image, clas
     cls_maps = [cls_attention(plain, range(n_layers))]
     text_maps = [patch_similarity(plain, cw.prior[c])]
     text_scores = [float(F.normalize(plain.features.float(), dim=-1)[0] @ cw.prior[c])]
+    shares = [0.0]
     for i, (first, last) in enumerate(segments):
         out = passes[i] if len(passes) > 1 else passes[0]
         titles.append(f"prompt {i + 1} (layers {first}–{last})")
         cls_maps.append(cls_attention(out, range(first, last + 1)))
         text_maps.append(patch_similarity(out, cw.prompts[i, c]))
         text_scores.append(float(F.normalize(out.features.float(), dim=-1)[0] @ cw.prompts[i, c]))
+        shares.append(float(np.mean(prompt_mass(out)[first:last + 1])))
 
     if model.prompts is None or not segments:
         mass = {}
@@ -120,7 +141,8 @@ def attention_maps(state: AppState, entry: LoadedModel, image: Image.Image, clas
     else:
         mass = {"prompted pass": prompt_mass(passes[0])}
     crop = _unnormalise(x[0], model.backbone.mean, model.backbone.std)
-    return AttentionMaps(classnames[c], crop, titles, cls_maps, text_maps, text_scores, mass, segments, n_layers)
+    return AttentionMaps(classnames[c], crop, titles, cls_maps, text_maps, text_scores, mass, segments, n_layers,
+                         shares)
 
 
 def _unnormalise(x: torch.Tensor, mean, std) -> np.ndarray:

@@ -14,6 +14,7 @@ threads at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -478,27 +479,52 @@ EXAMPLE_CLASSES = ["red circle", "blue square", "green triangle", "yellow star",
                    "purple hexagon", "orange cross", "cyan diamond", "pink heart"]
 
 
-def example_images(folder: str | Path, classes: list[str] = EXAMPLE_CLASSES, seed: int = 7, size: int = 128) -> list[str]:
+EXAMPLE_SEED, EXAMPLE_SIZE = 7, 128
+
+
+def _example_sample(i: int, cls: str, seed: int = EXAMPLE_SEED, size: int = EXAMPLE_SIZE):
+    import numpy as np
+
+    from pmpo.data import shapeworld as sw
+
+    rng = np.random.default_rng([seed, i])
+    return sw.sample_class_scene(sw.class_names().index(cls), rng, style="pretrain", size=size)
+
+
+@functools.lru_cache(maxsize=1)
+def _example_renders() -> tuple:
+    return tuple(_example_sample(i, cls) for i, cls in enumerate(EXAMPLE_CLASSES))
+
+
+def example_masks(image: "Image.Image"):
+    """The ground-truth masks (``SceneMasks``) when ``image`` is pixel for pixel one of the example
+    images, else None. Matched on content, not on the file name, so a renamed upload never borrows
+    another image's masks."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"))
+    for sample in _example_renders():
+        if pixels.shape == sample.image.shape and np.array_equal(pixels, sample.image):
+            return sample.masks
+    return None
+
+
+def example_images(folder: str | Path, classes: list[str] = EXAMPLE_CLASSES, seed: int = EXAMPLE_SEED,
+                   size: int = EXAMPLE_SIZE) -> list[str]:
     """Render one ShapeWorld image per class as ``<colour>_<shape>.png`` (deterministic, cheap).
 
     Generated rather than committed: the renders come from the same generator the offline model
     was trained on, so they are always in sync with it.
     """
-    import numpy as np
     from PIL import Image
-
-    from pmpo.data import shapeworld as sw
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = sw.class_names()
     paths = []
     for i, cls in enumerate(classes):
-        label = names.index(cls)
         path = folder / f"{cls.replace(' ', '_')}.png"
         if not path.is_file():
-            rng = np.random.default_rng([seed, i])
-            sample = sw.sample_class_scene(label, rng, style="pretrain", size=size)
+            sample = _example_sample(i, cls, seed, size)
             tmp = path.with_suffix(".tmp.png")
             Image.fromarray(sample.image, "RGB").save(tmp)
             os.replace(tmp, path)
@@ -546,6 +572,6 @@ def label_from_filename(path: str, classnames: list[str]) -> str | None:
 
 
 __all__ = [
-    "AppState", "BackboneSpec", "LoadedModel", "LRU", "UNTRAINED", "EXAMPLE_CLASSES", "HOW_TO_LOAD",
+    "AppState", "BackboneSpec", "LoadedModel", "LRU", "UNTRAINED", "EXAMPLE_CLASSES", "example_masks", "HOW_TO_LOAD",
     "example_images", "example_training_images", "label_from_filename", "open_state", "offline_model_present",
 ]

@@ -25,7 +25,8 @@ from . import classify as classify_tab
 from . import embeddings as embeddings_tab
 from . import train as train_tab
 from .inputs import as_list, display_name, file_path, load_images, parse_classes, parse_templates
-from .state import EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images, example_training_images
+from .state import (EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images, example_masks,
+                    example_training_images)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ def build_demo(state: AppState) -> gr.Blocks:
         maps = attention_tab.attention_maps(state, entry, loaded.images[0], classes.names, templates, classname or None)
         status = (f"**{loaded.names[0]}**, class **{maps.classname}**, {entry.description}. Row 1: CLS→patch attention "
                   "(mean over heads and the segment's layers); row 2: cosine of each patch token with the class "
-                  "embedding. " + notices_md(entry.notices))
+                  "embedding. " + notices_md(entry.notices) + "\n\n"
+                  + attention_tab.truth_table(maps, example_masks(loaded.images[0])))
         return status, attention_tab.maps_figure(maps), attention_tab.mass_figure(maps)
 
     @guarded(lambda message: (None, None))
