@@ -75,18 +75,26 @@ def test_model_attention_is_scored_per_layer_and_pass(tiny_model, tmp_path):
     samples = sw.generate_eval_samples(5, 1, "downstream", labels=[0, 9, 40])
     rows = attention_scores(model, samples, batch_size=2)
     layers = model.vision.n_layers
-    assert len(rows) == 3 * layers * (1 + model.prompts.n_prompts)  # zero-shot + one pass per prompt
+    passes = 1 + model.prompts.n_prompts  # zero-shot + one pass per prompt
+    assert len(rows) == 3 * (layers + 2) * passes  # per layer, rollout, patch-text
     for r in rows:
         parts = r["target"] + r["distractors"] + r["rest"] + r["prompts"]
         assert parts == pytest.approx(1.0) and all(0 <= r[k] <= 1 for k in ("target", "pointing", "chance"))
         if r["pass"].startswith("zero-shot"):
             assert r["prompts"] == 0.0
-    prompted = [r for r in rows if r["pass"] == "prompt 1 pass" and r["layer"] == 0]
+    prompted = [r for r in rows if r["pass"] == "prompt 1 pass" and r["layer"] == 0 and r["kind"] == "attention"]
     assert all(r["prompts"] > 0 for r in prompted) and prompted[0]["prompts_in_layer"] == "1"
-    assert len(summarise(rows)) == layers * (1 + model.prompts.n_prompts)
+    rollout = [r for r in rows if r["kind"] == "rollout" and r["pass"] == "prompt 1 pass"]
+    assert all(r["prompts"] > 0 for r in rollout)  # prompt tokens are sources of the rollout
+    assert all(r["prompts"] == 0 for r in rows if r["kind"] == "patch-text")
+    assert len(summarise(rows)) == (layers + 2) * passes
+    from pmpo.analysis.attention_truth import segment_summary
+
+    assert len(segment_summary(rows, model.prompts.segments)) == passes * len(model.prompts.segments)
 
     out = tmp_path / "truth"
     assert main(["analyze", "attention_truth", "--model", tiny_model, "--pretrained", "none", "--device", "cpu",
                  "--method", "maple", "--per-class", "1", "--max-classes", "4", "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} >= {"attention_truth.csv", "attention_truth_per_image.csv",
-                                                 "attention_truth.png", "attention_truth.pdf"}
+                                                 "attention_truth_segments.csv", "attention_truth.png",
+                                                 "attention_truth.pdf"}

@@ -96,52 +96,87 @@ def score_map(patch_attention: np.ndarray, labels: PatchLabels, prompt_attention
 
 # --- a model's attention, per layer and pass --------------------------------------------------------
 
-def _passes(model) -> list[tuple[str, list | None]]:
-    """(label, visual schedule) of the plain pass and of the model's prompted pass(es)."""
-    out: list[tuple[str, list | None]] = [("zero-shot (no prompts)", None)]
+def _passes(model, weights) -> list[tuple[str, list | None, int | None, "torch.Tensor"]]:
+    """(label, visual schedule, prompt id for the slot layout, class embeddings [C, D]) of the plain
+    pass (with the manual prior) and of the model's prompted pass(es) (each prompt's own class
+    embeddings, or the combined ones for the single pass)."""
+    out = [("zero-shot (no prompts)", None, None, weights.prior)]
     if model.prompts is None or not model.prompts.segments:
         return out
     if model.cfg.visual_pass == "per_prompt":
-        return out + [(f"prompt {i + 1} pass", model.visual_schedule(i)) for i in range(model.prompts.n_prompts)]
-    return out + [("prompted", model.visual_schedule())]
+        return out + [(f"prompt {i + 1} pass", model.visual_schedule(i), i, weights.prompts[i])
+                      for i in range(model.prompts.n_prompts)]
+    return out + [("prompted", model.visual_schedule(), None, weights.weights)]
 
 
 @torch.no_grad()
 def attention_scores(model, samples: Sequence, batch_size: int = 32) -> list[dict]:
-    """One row per (pass, layer, image): the MapScores of the CLS token's attention (mean over heads)
-    at the input of that layer's softmax, scored against the sample's masks."""
+    """Rows per (pass, image): ``kind`` "attention" per layer (the CLS token's attention, mean over
+    heads), "rollout" (attention rollout over all layers, prompt tokens as sources, as in
+    attention_atlas), and "patch-text" (cosine of each projected patch token with the image's class
+    embedding, min-shifted to be non-negative), each scored against the sample's masks."""
+    from pmpo.analysis.attention_atlas import SlotLayout, attention_rollout, slot_layouts
+    from pmpo.data import shapeworld as sw
+
     model.eval()
     grid = model.vision.grid_size
+    n_layers = model.vision.n_layers
     transform = model.eval_transform()
     labels = [patch_labels(s.masks.target, s.masks.distractor, grid) for s in samples]
-    passes = _passes(model)
-    segments = model.prompts.layer_segments(model.vision.n_layers) if model.prompts is not None and model.prompts.segments else None
+    names = sw.class_names()
+    weights = model.class_weights(names)
+    passes = _passes(model, weights)
+    segments = model.prompts.layer_segments(n_layers) if model.prompts is not None and model.prompts.segments else None
     rows = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         x = torch.stack([transform(Image.fromarray(s.image, "RGB")) for s in chunk]).to(model.device)
-        for label, schedule in passes:
-            out = model.vision(x, schedule, return_attention=True)
+        for label, schedule, prompt, text in passes:
+            out = model.vision(x, schedule, return_attention=True, return_tokens=True)
             n = out.n_tokens
-            for layer, probs in enumerate(out.attentions):
-                cls = probs[:, :, 0].float().mean(1).cpu().numpy()  # [B, T]
-                for b, sample in enumerate(chunk):
-                    scores = score_map(cls[b, 1:n].reshape(grid), labels[start + b], float(cls[b, n:].sum()))
-                    rows.append({"pass": label, "layer": layer, "image": start + b, "class": sample.objects[0].classname,
+            layouts = (slot_layouts(model, n_layers, prompt) if schedule is not None
+                       else [SlotLayout(False, []) for _ in range(n_layers)])
+            flow, _ = attention_rollout(out.attentions, layouts, n)
+            tokens = torch.nn.functional.normalize(out.tokens.float(), dim=-1)
+            for b, sample in enumerate(chunk):
+                base = {"pass": label, "image": start + b, "class": sample.objects[0].classname}
+                for layer, probs in enumerate(out.attentions):
+                    cls = probs[b, :, 0].float().mean(0).cpu().numpy()  # [T]
+                    scores = score_map(cls[1:n].reshape(grid), labels[start + b], float(cls[n:].sum()))
+                    rows.append({**base, "kind": "attention", "layer": layer,
                                  "prompts_in_layer": " ".join(str(i + 1) for i in segments[layer]) if segments else "",
                                  **asdict(scores)})
+                roll = flow[b, 0].cpu().numpy()
+                scores = score_map(roll[1:n].reshape(grid), labels[start + b], float(roll[n:].sum()))
+                rows.append({**base, "kind": "rollout", "layer": n_layers - 1, "prompts_in_layer": "", **asdict(scores)})
+                sim = (tokens[b] @ text[sample.label].float()).cpu().numpy()
+                scores = score_map((sim - sim.min()).reshape(grid), labels[start + b])
+                rows.append({**base, "kind": "patch-text", "layer": n_layers - 1, "prompts_in_layer": "", **asdict(scores)})
     return rows
 
 
 def summarise(rows: Sequence[dict]) -> list[dict]:
-    """Mean over images per (pass, layer)."""
-    keys = list(dict.fromkeys((r["pass"], r["layer"]) for r in rows))
+    """Mean over images per (pass, kind, layer)."""
+    keys = list(dict.fromkeys((r["pass"], r["kind"], r["layer"]) for r in rows))
     fields = ("target", "distractors", "rest", "prompts", "pointing", "chance")
     out = []
-    for p, layer in keys:
-        group = [r for r in rows if r["pass"] == p and r["layer"] == layer]
-        out.append({"pass": p, "layer": layer, "n_images": len(group), "prompts_in_layer": group[0]["prompts_in_layer"],
+    for p, kind, layer in keys:
+        group = [r for r in rows if r["pass"] == p and r["kind"] == kind and r["layer"] == layer]
+        out.append({"pass": p, "kind": kind, "layer": layer, "n_images": len(group),
+                    "prompts_in_layer": group[0]["prompts_in_layer"],
                     **{f: float(np.mean([r[f] for r in group])) for f in fields}})
+    return out
+
+
+def segment_summary(rows: Sequence[dict], segments: Sequence[tuple[int, int]]) -> list[dict]:
+    """Per pass and depth segment: the per-layer attention scores averaged over the segment's layers."""
+    out = []
+    for p in dict.fromkeys(r["pass"] for r in rows):
+        for i, (first, last) in enumerate(segments):
+            group = [r for r in rows if r["pass"] == p and r["kind"] == "attention" and first <= r["layer"] <= last]
+            out.append({"pass": p, "segment": f"prompt {i + 1} (layers {first}-{last})",
+                        **{f: float(np.mean([r[f] for r in group]))
+                           for f in ("target", "distractors", "rest", "prompts", "pointing", "chance")}})
     return out
 
 
@@ -151,7 +186,7 @@ def plot(summary: Sequence[dict], out: Path, title: str) -> list[Path]:
     fig, axes = style.figure("page", aspect=0.32, ncols=2)
     passes = list(dict.fromkeys(r["pass"] for r in summary))
     for i, p in enumerate(passes):
-        group = [r for r in summary if r["pass"] == p]
+        group = [r for r in summary if r["pass"] == p and r["kind"] == "attention"]
         layers = [r["layer"] for r in group]
         colour = "black" if i == 0 else style.segment_colour(i - 1)
         axes[0].plot(layers, [r["target"] for r in group], marker="o", color=colour, label=p)
@@ -162,7 +197,7 @@ def plot(summary: Sequence[dict], out: Path, title: str) -> list[Path]:
         ax.set_xlabel("vision layer")
         ax.set_ylabel(name)
         ax.set_ylim(0, 1)
-        ax.set_xticks(sorted({r["layer"] for r in summary}))
+        ax.set_xticks(sorted({r["layer"] for r in summary if r["kind"] == "attention"}))
     axes[1].legend(fontsize=6, loc="best")
     fig.suptitle(title, fontsize=8)
     return style.save_figure(fig, out, NAME)
@@ -194,9 +229,12 @@ def run(args: argparse.Namespace) -> list[Path]:
     summary = summarise(rows)
     per_image = style.write_csv(out / f"{NAME}_per_image.csv", rows)
     table = style.write_csv(out / f"{NAME}.csv", summary)
+    written = [table, per_image]
+    if model.prompts is not None and model.prompts.segments:
+        written.append(style.write_csv(out / f"{NAME}_segments.csv", segment_summary(rows, model.prompts.segments)))
     backbone = model.backbone.model_name.rstrip("/").rsplit("/", 1)[-1]  # no local paths in a paper figure
     title = f"{model.cfg.method} on {backbone}: {len(samples)} ShapeWorld {args.style} images (seed {args.seed})"
-    return [table, per_image] + plot(summary, out, title)
+    return written + plot(summary, out, title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
