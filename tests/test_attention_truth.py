@@ -92,6 +92,9 @@ def test_model_attention_is_scored_per_layer_and_pass(tiny_model, tmp_path):
 
     assert len(segment_summary(rows, model.prompts.segments)) == passes * len(model.prompts.segments)
 
+    coop = build_model(PMPOConfig(method="coop", model=backbone.model_name, pretrained="none"), backbone=backbone)
+    assert {r["pass"] for r in attention_scores(coop, samples[:1])} == {"zero-shot (no prompts)", "prompted (text only)"}
+
     out = tmp_path / "truth"
     assert main(["analyze", "attention_truth", "--model", tiny_model, "--pretrained", "none", "--device", "cpu",
                  "--method", "maple", "--per-class", "1", "--max-classes", "4", "--out", str(out)]) == 0

@@ -101,8 +101,10 @@ def _passes(model, weights) -> list[tuple[str, list | None, int | None, "torch.T
     pass (with the manual prior) and of the model's prompted pass(es) (each prompt's own class
     embeddings, or the combined ones for the single pass)."""
     out = [("zero-shot (no prompts)", None, None, weights.prior)]
-    if model.prompts is None or not model.prompts.segments:
+    if model.prompts is None:
         return out
+    if not model.prompts.segments:  # text prompts only (CoOp, KgCoOp): same image pass, learned class embeddings
+        return out + [("prompted (text only)", None, None, weights.weights)]
     if model.cfg.visual_pass == "per_prompt":
         return out + [(f"prompt {i + 1} pass", model.visual_schedule(i), i, weights.prompts[i])
                       for i in range(model.prompts.n_prompts)]
