@@ -149,31 +149,32 @@ def list_methods() -> list[str]:
     return sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
 
 
-def load_preset(method: str) -> dict[str, Any]:
+def read_method_preset(method: str) -> dict[str, Any]:
+    """The whole YAML of a method preset: its options, ``reference`` and the PRESET_BLOCKS."""
     path = METHOD_DIR / f"{method}.yaml"
     if not path.is_file():
         raise InputError(f"unknown method {method!r}; presets: {', '.join(list_methods())} (in {METHOD_DIR})")
-    data = read_yaml_mapping(path, "method preset")
-    data.pop("method", None)
-    data.pop("reference", None)  # where the recipe comes from (shown by pmpo recipe)
-    for block in PRESET_BLOCKS:
-        data.pop(block, None)
-    return data
+    return read_yaml_mapping(path, "method preset")
 
 
-def preset_blocks(method: str) -> dict[str, dict[str, Any]]:
-    """The per-protocol and per-dataset blocks of a method preset (see ``PRESET_BLOCKS``)."""
-    path = METHOD_DIR / f"{method}.yaml"
-    if not path.is_file():
-        load_preset(method)  # raises the unknown-method error
-    data = read_yaml_mapping(path, "method preset")
+def load_preset(method: str) -> dict[str, Any]:
+    """The options of a method preset (without ``method``, ``reference`` and the blocks)."""
+    skip = {"method", "reference", *PRESET_BLOCKS}
+    return {k: v for k, v in read_method_preset(method).items() if k not in skip}
+
+
+def preset_blocks(method: str, data: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The per-protocol and per-dataset blocks of a method preset (see ``PRESET_BLOCKS``);
+    ``data`` is the preset's YAML when the caller has already read it."""
+    data = read_method_preset(method) if data is None else data
     out = {}
     for block in PRESET_BLOCKS:
         value = data.get(block) or {}
         if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-            raise InputError(f"{path}: '{block}' must map names to option mappings, got {value!r}")
+            raise InputError(f"{METHOD_DIR / (method + '.yaml')}: '{block}' must map names to option mappings, got {value!r}")
         out[block] = value
     return out
 
 
-__all__ = ["LEGACY_DEFAULTS", "PMPOConfig", "list_methods", "load_preset", "preset_blocks", "preset_file"]
+__all__ = ["LEGACY_DEFAULTS", "PMPOConfig", "list_methods", "load_preset", "preset_blocks", "preset_file",
+           "read_method_preset"]

@@ -75,6 +75,8 @@ class PMPOModel(nn.Module):
                 cfg, self.text.width, self.vision.width, self.vision.n_layers, self._phrase_embeddings
             ).to(self.clip.logit_scale.device)
         self._prior_cache: OrderedDict = OrderedDict()
+        # Fixed by the config and the tokenizer: computed once, not on every training step.
+        self._tails = self._init_tails() if self.prompts is not None else []
         self._weight_cache: OrderedDict = OrderedDict()
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -145,7 +147,7 @@ class PMPOModel(nn.Module):
         names = clean_classnames(classnames)
         m = self.prompts.n_ctx
         base = self.text.tokenize([" ".join(["X"] * m + [f"{name}."]) for name in names])
-        tails = self._init_tails()
+        tails = self._tails
         if all(t.numel() == 0 for t in tails):
             return base[None]
         length = base.shape[1]

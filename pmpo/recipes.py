@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_DIR, METHOD_DIR, PMPOConfig, load_preset, preset_blocks
+from .config import CONFIG_DIR, METHOD_DIR, PMPOConfig, preset_blocks, read_method_preset
 from .data import dataset_templates, resolve_dataset_name
 from .engine import TrainConfig, load_train_config, train_preset_path
 from .errors import InputError
@@ -104,8 +104,8 @@ def resolve_recipe(
         method = explicit.pop("method", method)
     explicit.update({k: v for k, v in (model_options or {}).items() if v is not None})
     explicit.pop("method", None)
-    load_preset(method)  # a clear error for an unknown method
-    blocks = preset_blocks(method)
+    preset = read_method_preset(method)  # read once; a clear error for an unknown method
+    blocks = preset_blocks(method, preset)
     layered: dict[str, Any] = dict(blocks["protocols"].get(protocol, {}))
     if dataset is not None:
         layered.update(blocks["datasets"].get(dataset, {}))
@@ -130,7 +130,7 @@ def resolve_recipe(
     train = load_train_config(train_path, dataset=dataset, shots=shots, **(train_options or {}))
     preset_path = METHOD_DIR / f"{method}.yaml"
     model_source = _shown(preset_path) + (f" + {config_file}" if config_file else "")
-    preset_reference = str(read_yaml_mapping(preset_path, "method preset").get("reference", ""))
+    preset_reference = str(preset.get("reference", ""))
     return Recipe(method=method, protocol=protocol, dataset=dataset, shots=shots, model=model, train=train,
                   templates_from=templates_from, sources={"model": model_source, "train": _shown(train_path)},
                   references={"model": preset_reference, "train": _train_reference(train_path)})
