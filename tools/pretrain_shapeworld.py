@@ -264,25 +264,27 @@ class AttributeHeads(torch.nn.Module):
             {k: torch.nn.Linear(dim, len(v)) for k, v in ATTRIBUTES.items()}) if separate_uncaptioned else None
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor,
-             n_captioned: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             n_captioned: int | None = None, uncaptioned_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
         """Cross-entropy averaged over every (attribute, scene) pair, times the number of scene groups
         (captioned; uncaptioned, the rows from ``n_captioned`` on), so each group weighs about as
-        much as the captioned one alone; accuracies of the uncaptioned rows carry a ``ds_`` prefix."""
+        much as the captioned one alone; ``uncaptioned_weight`` scales the uncaptioned group's share
+        (the downstream style is where the benchmark's probe reads the features). Accuracies of the
+        uncaptioned rows carry a ``ds_`` prefix."""
         n = features.shape[0] if n_captioned is None else n_captioned
-        parts = [("", self.heads, slice(0, n))]
+        parts = [("", self.heads, slice(0, n), 1.0)]
         if n < features.shape[0]:
             parts.append(("ds_", self.uncaptioned if self.uncaptioned is not None else self.heads,
-                          slice(n, features.shape[0])))
+                          slice(n, features.shape[0]), uncaptioned_weight))
         feats = F.normalize(features.float(), dim=-1) * 10.0  # fixed scale: the head sees directions only
         total, count, accs = feats.new_zeros(()), 0, {}
-        for prefix, heads, rows in parts:
+        for prefix, heads, rows, weight in parts:
             for i, (name, head) in enumerate(heads.items()):
                 y = targets[rows, i]
                 keep = y >= 0
                 if not keep.any():
                     continue
                 logits = head(feats[rows][keep])
-                total = total + F.cross_entropy(logits, y[keep]) * int(keep.sum())
+                total = total + F.cross_entropy(logits, y[keep]) * int(keep.sum()) * weight
                 count += int(keep.sum())
                 accs[prefix + name] = (logits.argmax(1) == y[keep]).float().mean().item()
         return total / max(1, count) * len(parts), accs
@@ -569,6 +571,8 @@ def main(argv=None):
                                            "12 + 12 layers); ignored with --init")
     ap.add_argument("--n-uncaptioned", type=int, default=0,
                     help="downstream-style scenes per batch for the attribute heads only (no caption)")
+    ap.add_argument("--uncaptioned-weight", type=float, default=1.0,
+                    help="weight of the uncaptioned downstream-style scenes' head loss against the captioned ones'")
     ap.add_argument("--separate-heads", action="store_true",
                     help="own attribute heads for the uncaptioned downstream-style scenes")
     ap.add_argument("--grow", action="store_true",
@@ -675,7 +679,7 @@ def main(argv=None):
             imf = F.normalize(im_raw[:len(caps)].float(), dim=-1)  # captioned images only
             txf = F.normalize(encode_text_truncated(model, text).float(), dim=-1)
             loss_clip = loss_fn(imf, txf, model.logit_scale.exp())
-            loss_aux, accs = heads.loss(im_raw, attrs, len(caps)) if args.aux_weight > 0 else (loss_clip.new_zeros(()), {})
+            loss_aux, accs = heads.loss(im_raw, attrs, len(caps), args.uncaptioned_weight) if args.aux_weight > 0 else (loss_clip.new_zeros(()), {})
             loss = loss_clip + args.aux_weight * loss_aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -716,7 +720,7 @@ def main(argv=None):
                      "minutes": args.minutes, "p_grouped": args.p_grouped,
                      "aux_weight": args.aux_weight, "clip_grad": args.clip_grad, "model_cfg": model_cfg,
                      "grown": bool(args.init and args.grow), "n_uncaptioned": args.n_uncaptioned,
-                     "separate_heads": args.separate_heads, "shift": dict(sw.DOWNSTREAM_SHIFT),
+                     "separate_heads": args.separate_heads, "uncaptioned_weight": args.uncaptioned_weight, "shift": dict(sw.DOWNSTREAM_SHIFT),
                      "p_shape_word": args.p_shape_word, "residual_scale": args.residual_scale if not args.init else None,
                      "device": str(device) + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
                                               if device.type == "cuda" else ""),
