@@ -99,3 +99,16 @@ def test_hidden_shape_words_leave_every_other_attribute(tool):
             assert not any(re.search(rf"\b{o.shape}\b", out) for o in s.objects) and "shape" in out
     assert 20 < kept < 90 and hidden > 110  # about a quarter keep it
     assert tool.hide_shape_words("a red circle.", [sw.ObjectAttrs("circle", "red")], rng, 1.0) == "a red circle."
+
+
+def test_card_commands_name_every_non_default_data_option(tool):
+    """The model card's regenerate commands must carry a stage's data and loss options, or the
+    documented command trains a different model."""
+    shift = dict(tool.DEFAULT_SHIFT, rotation_deg=tool.DEFAULT_SHIFT["rotation_deg"] + 1.5)
+    stage = {"n_uncaptioned": 64, "separate_heads": True, "uncaptioned_weight": 3.0, "p_shape_word": 0.06,
+             "shift": shift}
+    args = tool.data_args(stage).split()
+    assert args[:6] == ["--n-uncaptioned", "64", "--separate-heads", "--uncaptioned-weight", "3", "--p-shape-word"]
+    assert args[6] == "0.06"
+    assert args[7:] == ["--shift", f"rotation_deg={shift['rotation_deg']:g}"]  # unchanged knobs are not repeated
+    assert tool.data_args({"n_uncaptioned": 0, "p_shape_word": 1.0, "shift": dict(tool.DEFAULT_SHIFT)}) == ""

@@ -67,6 +67,7 @@ MODEL_CFG = {
 }
 PREPROCESS_CFG = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
                   "interpolation": "bicubic", "resize_mode": "shortest", "size": 64}
+DEFAULT_SHIFT = dict(sw.DOWNSTREAM_SHIFT)  # before any --shift: the card's commands name only the differences
 EVAL_SETS = [  # (name, style, seed, n_per_class)
     ("downstream", "downstream", 1234, 10),
     ("sketch", "sketch", 1234, 10),
@@ -382,6 +383,24 @@ def evaluate_folder(out: Path) -> dict:
     return res
 
 
+def data_args(stage: dict) -> str:
+    """The command-line options of a stage's data and loss that differ from the script's defaults,
+    so that the model card's commands regenerate exactly what was trained."""
+    out = ""
+    if stage.get("n_uncaptioned"):
+        out += f" --n-uncaptioned {stage['n_uncaptioned']}"
+        if stage.get("separate_heads"):
+            out += " --separate-heads"
+        if stage.get("uncaptioned_weight", 1.0) != 1.0:
+            out += f" --uncaptioned-weight {stage['uncaptioned_weight']:g}"
+    if stage.get("p_shape_word", 1.0) != 1.0:
+        out += f" --p-shape-word {stage['p_shape_word']:g}"
+    for key, value in sorted((stage.get("shift") or {}).items()):
+        if DEFAULT_SHIFT.get(key) != value:
+            out += f" --shift {key}={value:g}"
+    return out
+
+
 def write_card(out: Path, record: dict, res: dict):
     n_params = record["n_params"]
     MODEL_CFG = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]  # what this folder holds
@@ -426,7 +445,11 @@ def write_card(out: Path, record: dict, res: dict):
         f"- Data: a fresh stream of `pmpo.data.shapeworld` scenes in the `pretrain` style (neutral plain / "
         "gradient / noisy backgrounds); 8 shapes x 8 colours x 2 sizes x 4 fills x 5 positions, every colour x "
         "shape combination appears; captions in 15 single-object and 6 two-object phrasings (including "
-        "`a photo of a {colour} {shape}.`), always consistent with the rendered attributes. "
+        "`a photo of a {colour} {shape}.`), always consistent with the rendered attributes"
+        + (f"; in {100 * (1 - tr['p_shape_word']):.0f}% of them the shape word is replaced by \"shape\" "
+           "(`hide_shape_words`: web captions rarely name the attribute a fine-grained benchmark asks for, so the "
+           "text side reads shape weakly while the attribute heads keep it in the image features)"
+           if tr.get("p_shape_word", 1.0) < 1.0 else "") + ". "
         + (f"{int(round(100 * tr.get('p_grouped', 0)))}% of each batch is hard-negative groups of {GROUP} "
            "single-object scenes that share every attribute but the shape (or the colour); the rest are independent scenes, "
            if tr.get("p_grouped", 0) else "Independent scenes, ")
@@ -515,6 +538,7 @@ def write_card(out: Path, record: dict, res: dict):
         f"--aux-weight {t.get('aux_weight', 0.0)} --clip-grad {t.get('clip_grad', 0.0)}"
         + (f" --model-config {_cfg_arg(t)}" if i == 0 and _cfg_arg(t) else "")
         + (f" --residual-scale {t['residual_scale']}" if i == 0 and t.get("residual_scale") not in (None, 1.0) else "")
+        + data_args(t)
         + (f" --init /tmp/stage{i}" if i > 0 else "")
         + ((" --grow" + (f" --model-config {_cfg_arg(t)}" if _cfg_arg(t) else "")) if t.get("grown") else "")
         for i, t in enumerate(stages)

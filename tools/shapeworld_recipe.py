@@ -98,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, nargs="+", default=[5])
     p.add_argument("--lr", type=float, nargs="+", default=[0.0035, 0.028])
     p.add_argument("--batch-size", type=int, nargs="+", default=[32])
+    p.add_argument("--min-crop-scale", type=float, nargs="+", default=[0.08],
+                   help="RandomResizedCrop's lower scale bound (0.08: CoOp's protocol)")
     p.add_argument("--methods", nargs="+", help="sweep method names to score (default: every learnable one)")
     p.add_argument("--json", help="also write the rows and the choice to this file")
     args = p.parse_args(argv)
@@ -105,18 +107,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = load_sweep(args.sweep)
         if args.root:
             sweep.root = args.root
-        candidates = [{"epochs": e, "lr": lr, "batch_size": b}
-                      for e, lr, b in itertools.product(args.epochs, args.lr, args.batch_size)]
+        candidates = [{"epochs": e, "lr": lr, "batch_size": b, "min_crop_scale": c}
+                      for e, lr, b, c in itertools.product(args.epochs, args.lr, args.batch_size, args.min_crop_scale)]
         rows = score_recipes(sweep, candidates, args.seed, args.methods,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
-        keys = ["epochs", "lr", "batch_size"]
+        keys = ["epochs", "lr", "batch_size", "min_crop_scale"]
         best, table = choose(rows, keys)
     except PMPOError as exc:
         print(f"shapeworld_recipe: error: {exc}", file=sys.stderr)
         return 1
-    print("| epochs | lr | batch | mean val HM | methods |\n|---:|---:|---:|---:|---:|")
+    print("| epochs | lr | batch | min crop scale | mean val HM | methods |\n|---:|---:|---:|---:|---:|---:|")
     for t in table:
-        print(f"| {t['epochs']} | {t['lr']} | {t['batch_size']} | {t['mean_val_hm']:.2f} | {t['methods']} |")
+        print(f"| {t['epochs']} | {t['lr']} | {t['batch_size']} | {t['min_crop_scale']} | {t['mean_val_hm']:.2f} "
+              f"| {t['methods']} |")
     print(f"\nchosen (best mean val HM): {json.dumps(best)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"seed": args.seed, "rows": rows, "summary": table, "chosen": best},
