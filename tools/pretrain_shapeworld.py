@@ -476,7 +476,12 @@ def write_card(out: Path, record: dict, res: dict):
     ] + ([
         "- Earlier stages (each started from the previous stage's weights; this run continued from the last): "
         + "; ".join(
-            f"stage {i + 1}: {t['steps']} steps x batch {t['batch_size']}, lr {t['lr']}, "
+            f"stage {i + 1}: {t['steps']} steps x batch {t['batch_size']}"
+            + (f" (the step-{t['steps']} snapshot of a {t['snapshot_of']}-step cosine schedule)" if t.get("snapshot_of") else "")
+            + f", lr {t['lr']}, "
+            + (f"shape word in {100 * t['p_shape_word']:g}% of captions, " if t.get("p_shape_word", 1.0) < 1.0 else "")
+            + (f"{t['n_uncaptioned']} uncaptioned downstream scenes per batch (head weight {t.get('uncaptioned_weight', 1.0):g}), "
+               if t.get("n_uncaptioned") else "")
             + (f"{t['model_cfg']['vision_cfg']['layers']} vision + {t['model_cfg']['text_cfg']['layers']} text layers, "
                if t.get("model_cfg") else "")
             + ("grown from the previous stage (added blocks start as the identity), " if t.get("grown") else "")
@@ -530,16 +535,23 @@ def write_card(out: Path, record: dict, res: dict):
             return "pmpo/checkpoints/shapeworld-clip/open_clip_config.json"
         v, x = cfg["vision_cfg"], cfg["text_cfg"]
         return f"<(python tools/pretrain_shapeworld.py --write-config {v['layers']} {x['layers']} {v['patch_size']})"
+    def _init_path(i: int) -> str:
+        """Where stage i + 1 (1-based i) left the weights the next stage starts from: a snapshot
+        taken mid-schedule lives in the stage folder's step_N."""
+        t = stages[i - 1]
+        return f"/tmp/stage{i}" + (f"/step_{t['steps']}" if t.get("snapshot_of") else "")
+
     commands = [
         f"python tools/pretrain_shapeworld.py --out "
         f"{f'/tmp/stage{i + 1}' if i < len(stages) - 1 else 'pmpo/checkpoints/shapeworld-clip'} "
-        f"--steps {t['steps']} --batch-size {t['batch_size']} --lr {t['lr']} --warmup {t['warmup']} "
-        f"--p-two {t['p_two']} --p-grouped {t.get('p_grouped', 0.0)} --seed {t['seed']} "
+        f"--steps {t.get('snapshot_of') or t['steps']} --batch-size {t['batch_size']} --lr {t['lr']} "
+        f"--warmup {t['warmup']} --p-two {t['p_two']} --p-grouped {t.get('p_grouped', 0.0)} --seed {t['seed']} "
         f"--aux-weight {t.get('aux_weight', 0.0)} --clip-grad {t.get('clip_grad', 0.0)}"
+        + (f" --save-every {t['steps']} --save-from {t['steps']}" if t.get("snapshot_of") else "")
         + (f" --model-config {_cfg_arg(t)}" if i == 0 and _cfg_arg(t) else "")
         + (f" --residual-scale {t['residual_scale']}" if i == 0 and t.get("residual_scale") not in (None, 1.0) else "")
         + data_args(t)
-        + (f" --init /tmp/stage{i}" if i > 0 else "")
+        + (f" --init {_init_path(i)}" if i > 0 else "")
         + ((" --grow" + (f" --model-config {_cfg_arg(t)}" if _cfg_arg(t) else "")) if t.get("grown") else "")
         for i, t in enumerate(stages)
     ]
@@ -608,6 +620,9 @@ def main(argv=None):
     ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from --out's eval.json and exit")
     ap.add_argument("--eval-every", type=int, default=0, help="probe / zero-shot on the probe draws every N steps")
     ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also save the model every N steps into <out>/step_N (a folder --init can continue from)")
+    ap.add_argument("--save-from", type=int, default=0, help="first step --save-every saves at")
     ap.add_argument("--p-shape-word", type=float, default=1.0,
                     help="fraction of captions that name the shape (the rest say 'shape'; see hide_shape_words)")
     ap.add_argument("--shift", action="append", default=[], metavar="KEY=VALUE",
@@ -723,6 +738,19 @@ def main(argv=None):
             r = probe_eval(model, device)
             curve.append({"step": step, "seconds": round(el), **r})
             print(f"PROBE step {step}: {r}", flush=True)
+        if args.save_every and step % args.save_every == 0 and step >= args.save_from:
+            snapshot = out / f"step_{step}"
+            model.cpu()
+            save_folder(model, snapshot, model_cfg)
+            model.to(device)
+            from safetensors.torch import save_file
+            save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()},
+                      str(snapshot / HEADS_FILE))
+            record = training_record(args, step, el, ema, model_cfg, device, curve)
+            record["snapshot_of"] = args.steps  # taken mid-schedule: the run's --steps, not this step count
+            if previous is not None:
+                record["continued_from"] = previous
+            (snapshot / "eval.json").write_text(json.dumps({"training": record}, indent=2) + "\n")
         if args.trial and el > args.trial:
             print(f"TRIAL: {step} steps in {el:.1f}s = {step / el:.3f} steps/s at batch {args.batch_size}")
             pf.stop = True
@@ -738,7 +766,22 @@ def main(argv=None):
     record = {
         "model": f"local-dir:{out}",
         "n_params": n_params,
-        "training": {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
+        "training": training_record(args, step, train_seconds, ema, model_cfg, device, curve),
+    }
+    if previous is not None:
+        record["training"]["continued_from"] = previous
+    t1 = time.time()
+    res = evaluate_folder(out)
+    record.update(res)
+    record["eval_seconds"] = round(time.time() - t1, 1)
+    (out / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_card(out, record, res)
+    print(json.dumps(res, indent=1))
+
+
+def training_record(args, step: int, train_seconds: float, ema: float, model_cfg: dict, device, curve) -> dict:
+    """What a stage did, as eval.json's ``training`` (the model card and the next stage read it)."""
+    return {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
                      "warmup": args.warmup, "p_two": args.p_two, "seed": args.seed,
                      "schedule": "cosine over steps" if args.steps else f"cosine over {args.minutes} min wall time",
                      "minutes": args.minutes, "p_grouped": args.p_grouped,
@@ -752,17 +795,7 @@ def main(argv=None):
                      "train_seconds": round(train_seconds, 1), "final_loss": round(ema, 4),
                      "threads": args.threads, "torch": torch.__version__,
                      "open_clip": open_clip.__version__,
-                     "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})"},
-    }
-    if previous is not None:
-        record["training"]["continued_from"] = previous
-    t1 = time.time()
-    res = evaluate_folder(out)
-    record.update(res)
-    record["eval_seconds"] = round(time.time() - t1, 1)
-    (out / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
-    write_card(out, record, res)
-    print(json.dumps(res, indent=1))
+                     "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})"}
 
 
 if __name__ == "__main__":
