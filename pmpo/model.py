@@ -215,7 +215,9 @@ class PMPOModel(nn.Module):
         is [B, N, C, D] from one pass over B·N·C sequences (the same per-sequence computation as
         CoCoOp's loop over images), cut into calls of ``CONDITIONAL_TEXT_CHUNK`` sequences when no
         gradient flows."""
-        assert self.prompts is not None and self.prompts.ctx is not None
+        if self.prompts is None or self.prompts.ctx is None:
+            raise InputError(f"method {self.cfg.method!r} learns no text context (n_prompts {self.cfg.n_prompts}, "
+                             f"n_ctx {self.cfg.n_ctx}): there are no prompted class embeddings")
         n, m = self.prompts.n_prompts, self.prompts.n_ctx
         tokens = self.prompt_tokens(classnames)  # [G, C, L]
         c = tokens.shape[1]

@@ -337,3 +337,24 @@ def test_promptsrc_recipes():
     co = resolve_recipe("cocoop", "base2new", "imagenet")
     assert (co.train.epochs, co.train.batch_size, co.train.lr, co.model.meta_net) == (10, 1, 0.002, True)
     assert resolve_recipe("vpt", "base2new").train.lr == 0.0025 and resolve_recipe("ivlp", "base2new").train.lr == 0.0035
+
+
+def test_recipe_command_and_reference_rows(capsys):
+    from pmpo.cli import main
+    from pmpo.config import list_methods
+    from pmpo.reference import base2new_reference
+    from pmpo.results import reference_rows
+
+    assert main(["recipe", "--method", "promptsrc", "--protocol", "fewshot", "--dataset", "dtd", "--json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert (data["train"]["gpa_mean"], data["train"]["gpa_std"], data["train"]["epochs"]) == (45, 5, 50)
+    assert data["model"]["coupling"] == "independent" and "PromptSRC" in data["references"]["model"]
+    refs = {r.label: r for r in base2new_reference()}
+    assert (refs["CoCoOp"].base, refs["CoCoOp"].new, refs["CoCoOp"].hm) == (80.47, 71.69, 75.83)
+    assert (refs["PromptSRC"].base, refs["PromptSRC"].new, refs["PromptSRC"].hm) == (84.26, 76.10, 79.97)
+    assert refs["CoCoOp"].method == "cocoop" and refs["PromptSRC"].method == "promptsrc"
+    assert all(r.method in list_methods() for r in refs.values())
+    labels = [r.name for r in reference_rows()]
+    assert "CoCoOp (paper)" in labels and "PromptSRC (paper)" in labels
