@@ -5,13 +5,15 @@ image-encoder pass per image (open_clip's ``encode_image``: *the floor*), and a 
 cannot cost much less than one forward plus one input-gradient backward through the image
 tower plus the text side. This module measures, in one process, on one backbone and one batch:
 
-* the floor, PMPO inference with cached class weights, and one training step (forward,
-  backward, optimiser step) of PMPO, CoOp and MaPLe, as images/s;
+* the floor, inference of PMPO (and of any other method asked for: CoOp with cached class
+  weights, CoCoOp with its per-image ones), and one training step (forward, backward, optimiser
+  step) of PMPO, CoOp and MaPLe (or any method asked for), as images/s;
 * the text side: an open_clip-style pass (each prompt's C sequences separately, full 77 tokens)
   against our single batched, truncated pass, with the largest feature difference between them;
 * the peak memory of one training step at ImageNet scale, in a fresh subprocess (process RSS
   on CPU, ``torch.cuda.max_memory_allocated`` on GPU), with and without text-tower gradient
-  checkpointing;
+  checkpointing; optionally the peak memory of one inference batch per method (CoCoOp's per-image
+  class weights against CoOp's cached ones);
 * optionally how step cost grows with classes, prompts and images (``scaling``).
 
 Timings interleave the cases round by round (a noisy, shared machine slows all cases alike),
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone, load_backbone
-from .config import PMPOConfig
+from .config import PMPOConfig, list_methods
 from .errors import InputError, PMPOError
 from .model import PMPOModel, build_model
 
@@ -112,6 +114,9 @@ class BenchConfig:
     memory_repeats: int = 1
     scaling: bool = False
     train_methods: tuple[str, ...] = TRAIN_METHODS
+    infer_methods: tuple[str, ...] = ("pmpo",)  # inference rows (PMPO's carries the target)
+    memory_infer_methods: tuple[str, ...] = ()  # peak memory of one inference batch, per method
+    train_memory: bool = True  # the PMPO training-step memory rows (with and without checkpointing)
     seed: int = 0
 
     def resolved(self, device: torch.device) -> "BenchConfig":
@@ -132,9 +137,12 @@ class BenchConfig:
             raise InputError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if any(c < 1 for c in self.text_classes):
             raise InputError(f"--text-classes must be positive, got {list(self.text_classes)}")
-        unknown = [m for m in self.train_methods if m not in TRAIN_METHODS]
-        if unknown:
-            raise InputError(f"unknown training method(s) {unknown}; choose from {TRAIN_METHODS}")
+        methods = [m for m in list_methods() if m != "zeroshot"]
+        for what, chosen in (("training", self.train_methods), ("inference", self.infer_methods),
+                             ("memory", self.memory_infer_methods)):
+            unknown = [m for m in chosen if m not in methods]
+            if unknown:
+                raise InputError(f"unknown {what} method(s) {unknown}; choose from {', '.join(methods)}")
 
 
 # --- timing ---------------------------------------------------------------------------------------
@@ -285,8 +293,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def memory_step(cfg: BenchConfig, grad_checkpointing: bool) -> dict[str, Any]:
-    """Peak memory of one PMPO training step, measured in *this* process (run it in a fresh one).
+def memory_step(cfg: BenchConfig, grad_checkpointing: bool, method: str = "pmpo", infer: bool = False
+                ) -> dict[str, Any]:
+    """Peak memory of one training step of ``method`` (or, with ``infer``, of one inference batch with
+    the class weights already cached where the method can cache them), measured in *this* process
+    (run it in a fresh one).
 
     CPU: the rise of the process's peak RSS over its RSS just before the step (model loaded,
     batch built). GPU: ``max_memory_allocated`` over ``memory_allocated`` before the step.
@@ -296,7 +307,7 @@ def memory_step(cfg: BenchConfig, grad_checkpointing: bool) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(cfg.model, cfg.pretrained, device=device)
-    model = _make_model(cfg, "pmpo", backbone, device).train()
+    model = _make_model(cfg, method, backbone, device).train(not infer)
     model.text.grad_checkpointing = grad_checkpointing
     names = bench_classnames(cfg.memory_classes)
     size = backbone.image_size
@@ -305,10 +316,18 @@ def memory_step(cfg: BenchConfig, grad_checkpointing: bool) -> dict[str, Any]:
     optimizer = torch.optim.SGD(model.learnable_parameters(), lr=1e-3, momentum=0.9)
     with torch.no_grad():
         model.prior_features(names)  # frozen and cached in real training too: not part of a step
-    step = train_step(model, optimizer, images, labels, names, device, cfg.dtype)
+        if infer:
+            model.class_weights(names)  # evaluation computes them once per class list
+
+    def infer_step() -> None:
+        with torch.no_grad(), autocast(device, cfg.dtype):
+            model(images, names)
+
+    step = infer_step if infer else train_step(model, optimizer, images, labels, names, device, cfg.dtype)
     gc.collect()
     result: dict[str, Any] = {"classes": cfg.memory_classes, "batch": cfg.memory_batch, "n_prompts": cfg.n_prompts,
-                              "grad_checkpointing": grad_checkpointing, "device": str(device)}
+                              "grad_checkpointing": grad_checkpointing, "device": str(device), "method": method,
+                              "kind": "infer" if infer else "train"}
     peaks, seconds = [], []
     for _ in range(cfg.memory_repeats):
         if device.type == "cuda":
@@ -353,9 +372,11 @@ def _memory_budget_bytes() -> int | None:
     return None
 
 
-def measure_memory(cfg: BenchConfig, grad_checkpointing: bool, timeout: float | None = None) -> dict[str, Any]:
+def measure_memory(cfg: BenchConfig, grad_checkpointing: bool, timeout: float | None = None, method: str = "pmpo",
+                   infer: bool = False) -> dict[str, Any]:
     """Run :func:`memory_step` in a fresh interpreter, so earlier work does not pollute its peak."""
-    payload = json.dumps({"cfg": _cfg_dict(cfg), "grad_checkpointing": grad_checkpointing})
+    payload = json.dumps({"cfg": _cfg_dict(cfg), "grad_checkpointing": grad_checkpointing, "method": method,
+                          "infer": infer})
     env = dict(os.environ)
     budget = _memory_budget_bytes() if cfg.device == "cpu" or not cfg.device.startswith("cuda") else None
     if budget:
@@ -367,7 +388,8 @@ def measure_memory(cfg: BenchConfig, grad_checkpointing: bool, timeout: float | 
         return json.loads(lines[-1])
     tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
     return {"classes": cfg.memory_classes, "batch": cfg.memory_batch, "n_prompts": cfg.n_prompts,
-            "grad_checkpointing": grad_checkpointing, "error": tail, "limit_bytes": budget}
+            "grad_checkpointing": grad_checkpointing, "error": tail, "limit_bytes": budget, "method": method,
+            "kind": "infer" if infer else "train"}
 
 
 def _child_main(payload: str) -> int:
@@ -384,7 +406,8 @@ def _child_main(payload: str) -> int:
         cap = now + int(limit) + (4 << 30)  # + slack for code and thread arenas mapped later
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     try:
-        print(json.dumps(memory_step(cfg, data["grad_checkpointing"])))
+        print(json.dumps(memory_step(cfg, data["grad_checkpointing"], data.get("method", "pmpo"),
+                                     data.get("infer", False))))
     except (MemoryError, RuntimeError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"out of memory within the budget: {message}", file=sys.stderr)
@@ -466,6 +489,12 @@ def _image_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log:
             infer_model(images, names)
 
     cases: dict[str, Callable[[], None]] = {"floor": floor, "infer:pmpo": infer}
+    for method in cfg.infer_methods:
+        if method != "pmpo":
+            cases[f"infer:{method}"] = _infer_case(_make_model(cfg, method, backbone, device).eval(), images, names,
+                                                   device, cfg.dtype)
+    if "pmpo" not in cfg.infer_methods:
+        del cases["infer:pmpo"]
     models = {}
     for method in cfg.train_methods:
         model = _make_model(cfg, method, backbone, device).train()
@@ -487,7 +516,10 @@ def _image_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log:
         fresh = infer_model(images, names).float()
     checks = {"cached_vs_fresh_max_abs_diff": float((cached - fresh).abs().max())}
 
-    labels_of = {"floor": "open_clip encode_image (floor)", "infer:pmpo": "PMPO inference, cached class weights"}
+    labels_of = {"floor": "open_clip encode_image (floor)"}
+    for method in cfg.infer_methods:
+        how = "per-image class weights" if PMPOConfig(method=method).uses_meta_net else "cached class weights"
+        labels_of[f"infer:{method}"] = f"{method_label(method)} inference, {how}"
     for method in cfg.train_methods:
         labels_of[f"train:{method}"] = f"{method_label(method)} training step (fwd+bwd+SGD)"
     floor_s = timed["floor"]["median_s"]
@@ -508,8 +540,18 @@ def _image_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log:
     return rows, checks
 
 
+def _infer_case(model: PMPOModel, images: torch.Tensor, names: list[str], device: torch.device, dtype: str
+                ) -> Callable[[], None]:
+    def infer() -> None:
+        with torch.no_grad(), autocast(device, dtype):
+            model(images, names)
+
+    return infer
+
+
 def method_label(method: str) -> str:
-    return {"pmpo": "PMPO", "coop": "CoOp", "maple": "MaPLe", "kgcoop": "KgCoOp"}.get(method, method)
+    return {"pmpo": "PMPO", "coop": "CoOp", "cocoop": "CoCoOp", "maple": "MaPLe", "kgcoop": "KgCoOp", "vpt": "VPT",
+            "ivlp": "IVLP", "promptsrc": "PromptSRC"}.get(method, method)
 
 
 def _text_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log: Callable[[str], None]
@@ -626,10 +668,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Ben
     if cfg.scaling:
         result.scaling = _scaling_rows(cfg, backbone, device, log)
     if cfg.memory:
-        for ckpt in (False, True):
+        for ckpt in ((False, True) if cfg.train_memory else ()):
             log(f"memory: one PMPO step, C = {cfg.memory_classes}, N = {cfg.n_prompts}, batch {cfg.memory_batch}, "
                 f"text grad checkpointing {'on' if ckpt else 'off'} (subprocess)")
             result.memory.append(measure_memory(cfg, ckpt))
+        for method in cfg.memory_infer_methods:
+            log(f"memory: one {method_label(method)} inference batch, C = {cfg.memory_classes}, batch {cfg.memory_batch} "
+                "(subprocess)")
+            result.memory.append(measure_memory(cfg, False, method=method, infer=True))
     if hasattr(os, "getloadavg"):
         result.machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     result.wall_s = time.perf_counter() - started
@@ -680,13 +726,25 @@ def format_markdown(result: BenchResult | dict[str, Any]) -> str:
             lines += ["", "¹ naive pass timed on " + ", ".join(
                 f"{t['naive_chunks_timed']} of its {t['naive_chunks_total']} identical {c['naive_chunk']}-sequence calls"
                 f" (C = {t['classes']})" for t in partial) + " and scaled to the full pass (use --naive-max-chunks 0 to time all)."]
-    if r["memory"]:
+    train_mem = [mem for mem in r["memory"] if mem.get("kind", "train") == "train"]
+    infer_mem = [mem for mem in r["memory"] if mem.get("kind") == "infer"]
+    if train_mem:
         lines += ["", "| one PMPO training step | classes | batch | N | peak memory | step s |", "|---|---:|---:|---:|---:|---:|"]
-        for mem in r["memory"]:
+        for mem in train_mem:
             what = "text grad checkpointing" if mem["grad_checkpointing"] else "plain"
             peak = _gib(mem["peak_bytes"]) if "peak_bytes" in mem else f"failed: {mem['error']}"
             step = f"{mem['step_s']:.1f}" if "step_s" in mem else "—"
             lines.append(f"| {what} | {mem['classes']} | {mem['batch']} | {mem['n_prompts']} | {peak} | {step} |")
+    if infer_mem:
+        lines += ["", "| one inference batch | classes | batch | peak memory | per image | s / batch |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for mem in infer_mem:
+            ok = "peak_bytes" in mem
+            peak = _gib(mem["peak_bytes"]) if ok else f"failed: {mem['error']}"
+            each = _gib(mem["peak_bytes"] / mem["batch"]) if ok else "—"
+            step = f"{mem['step_s']:.2f}" if "step_s" in mem else "—"
+            lines.append(f"| {method_label(mem['method'])} | {mem['classes']} | {mem['batch']} | {peak} | {each} | {step} |")
+    if r["memory"]:
         measure = next((mem["measure"] for mem in r["memory"] if "measure" in mem), None)
         if measure:
             lines += ["", f"Memory: {measure}, measured in a fresh subprocess per row."]

@@ -1,6 +1,7 @@
 """Model configuration: one dataclass for every method, filled from YAML presets.
 
-Zero-shot CLIP, CoOp, KgCoOp, MaPLe and PMPO differ only in a handful of options (DESIGN.md §2),
+Zero-shot CLIP, CoOp, CoCoOp, KgCoOp, VPT, IVLP, MaPLe, PromptSRC and PMPO differ only in a handful
+of options (DESIGN.md §2),
 so a method is a *preset* of :class:`PMPOConfig`, stored as YAML in ``pmpo/configs/methods/``. Fields
 left as ``None`` are filled from the preset of ``method``; fields set explicitly win. This keeps
 ``PMPOConfig(method="coop")`` meaning "CoOp" rather than "PMPO's defaults with a different name".
@@ -25,11 +26,17 @@ METHOD_DIR = CONFIG_DIR / "methods"
 PARTITION_NAMES = ("equal", "all", "first-half", "second-half")
 VISUAL_MODES = ("replace", "carry")
 VISUAL_PASSES = ("single", "per_prompt")
-COUPLINGS = ("per_prompt", "shared", "per_layer")
+# How visual prompt tokens are made: a Linear(d_t -> d_v) of the text context (one per prompt, one
+# shared, one per prompted layer: MaPLe), or "independent" tokens of their own (VPT, IVLP, PromptSRC).
+COUPLINGS = ("per_prompt", "shared", "per_layer", "independent")
 # Blocks of a method preset that are not options but exceptions to them, applied by
 # pmpo.recipes: ``protocols: {cross_dataset: {text_depth: 3}}`` (MaPLe's cross-dataset depth) and
 # ``datasets: {dtd: {templates: [...]}}`` (KgCoOp's DTD prior).
 PRESET_BLOCKS = ("protocols", "datasets")
+# Preset keys that are neither options nor blocks: ``reference`` (the authors' files) and
+# ``dataset_templates`` (false: the method classifies with its preset's templates on every dataset,
+# as VPT's code does, instead of each dataset's own; applied by pmpo.recipes).
+PRESET_META = ("method", "reference", "dataset_templates")
 # Options added after checkpoints were first written, with the value that reproduces what those
 # older checkpoints computed (pmpo.checkpoint fills them in when a stored config lacks them).
 LEGACY_DEFAULTS = {"frozen_init_tail": False, "prompt_ln_pre": False}
@@ -47,7 +54,7 @@ class PMPOConfig:
 
     # Text prompts.
     n_prompts: int | None = None  # N learnable prompts (0 = zero-shot CLIP)
-    n_ctx: int | None = None  # M context tokens per prompt
+    n_ctx: int | None = None  # M context tokens per prompt (0: no learnable text, VPT)
     ctx_init: str | list[str] | None = None  # init phrase, or one phrase per prompt
     text_depth: int | None = None  # 1 = shallow; >1 adds deep text prompts in layers 1..depth-1
     # Tokens of ctx_init beyond the first M stay in the prompt as frozen words, as MaPLe builds
@@ -60,7 +67,13 @@ class PMPOConfig:
     visual_start: int | None = None  # first vision layer that gets prompts (named partitions)
     visual_mode: str | None = None  # "replace" (re-inject every layer) or "carry"
     visual_pass: str | None = None  # "single" (one pass) or "per_prompt" (N passes)
-    coupling: str | None = None  # "per_prompt", "shared" or "per_layer" (MaPLe)
+    coupling: str | None = None  # "per_prompt", "shared", "per_layer" (MaPLe) or "independent" (VPT, IVLP)
+    # Visual prompt tokens per prompted layer; a coupling maps M text tokens to M visual ones, so only
+    # "independent" tokens may differ (VPT: 8 without any text context). None: n_ctx.
+    n_ctx_vision: int | None = None
+    # CoCoOp's meta-net: Linear(D -> D/16), ReLU, Linear(D/16 -> d_t) of the normalised image feature,
+    # added to every context token, so the class weights depend on the image.
+    meta_net: bool | None = None
     # Visual prompts injected at layer 0 go through the tower's ln_pre with the patch tokens, as
     # MaPLe concatenates them before ln_pre (exact: LayerNorm acts per token).
     prompt_ln_pre: bool | None = None
@@ -72,6 +85,15 @@ class PMPOConfig:
     # Losses.
     aux_weight: float | None = None  # beta: per-prompt auxiliary CE
     consistency_weight: float | None = None  # lambda: KgCoOp-style prior consistency
+    # PromptSRC's self-regulating terms, each against the frozen CLIP: L1 between prompted and frozen
+    # text features (frozen side: mean over ``teacher_templates``), L1 between prompted and frozen
+    # image features, KL between the frozen (zero-shot) and the prompted logits.
+    text_l1_weight: float | None = None
+    image_l1_weight: float | None = None
+    logit_kl_weight: float | None = None
+    # The frozen text side of those terms: a template list, or the name of a pool shipped in
+    # pmpo/configs/templates/ (``imagenet``: the 60 templates PromptSRC averages).
+    teacher_templates: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         preset = load_preset(self.method)
@@ -80,14 +102,37 @@ class PMPOConfig:
                 setattr(self, f.name, preset[f.name])
         if self.alpha is None:
             self.alpha = 1.0 / (self.n_prompts + 1)
+        if self.n_ctx_vision is None:
+            self.n_ctx_vision = self.n_ctx
         self.validate()
 
     def validate(self) -> None:
         """Reject impossible combinations early, with a message naming the option."""
         if self.n_prompts < 0:
             raise InputError(f"n_prompts must be >= 0, got {self.n_prompts}")
-        if self.n_prompts > 0 and self.n_ctx < 1:
-            raise InputError(f"n_ctx must be >= 1 when there are prompts, got {self.n_ctx}")
+        if self.n_ctx < 0 or self.n_ctx_vision < 0:
+            raise InputError(f"n_ctx and n_ctx_vision must be >= 0, got {self.n_ctx} and {self.n_ctx_vision}")
+        if self.n_prompts > 0 and self.n_ctx == 0:
+            # VPT: prompts on the image side only; the class weights are the prior.
+            if not (self.visual_prompts and self.coupling == "independent"):
+                raise InputError("n_ctx 0 (no text context) needs visual_prompts with coupling 'independent'")
+            if self.alpha != 1.0 or self.text_depth != 1 or self.meta_net:
+                raise InputError("with n_ctx 0 there is no learned text: alpha must be 1, text_depth 1, meta_net off")
+        if self.uses_visual_prompts and self.n_ctx_vision < 1:
+            raise InputError(f"n_ctx_vision must be >= 1 with visual prompts, got {self.n_ctx_vision}")
+        if self.uses_visual_prompts and self.coupling != "independent" and self.n_ctx_vision != self.n_ctx:
+            raise InputError(f"coupling {self.coupling!r} maps the {self.n_ctx} text tokens to as many visual ones: "
+                             f"n_ctx_vision must equal n_ctx (or use coupling 'independent'), got {self.n_ctx_vision}")
+        if self.meta_net and self.n_prompts > 0 and self.visual_pass != "single":
+            raise InputError("meta_net conditions the context on the single-pass image feature: use visual_pass 'single'")
+        for name in ("aux_weight", "consistency_weight", "text_l1_weight", "image_l1_weight", "logit_kl_weight"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InputError(f"{name} must be >= 0, got {value}")
+        if isinstance(self.teacher_templates, list) and (
+                not self.teacher_templates or any("{}" not in t for t in self.teacher_templates)):
+            raise InputError(f"teacher_templates must be a pool name or a non-empty list of strings containing "
+                             f"'{{}}', got {self.teacher_templates!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise InputError(f"alpha must lie in [0, 1], got {self.alpha}")
         if self.n_prompts == 0 and self.alpha != 1.0:
@@ -109,6 +154,20 @@ class PMPOConfig:
     @property
     def uses_visual_prompts(self) -> bool:
         return bool(self.visual_prompts) and self.n_prompts > 0
+
+    @property
+    def uses_text_prompts(self) -> bool:
+        return self.n_prompts > 0 and self.n_ctx > 0
+
+    @property
+    def uses_meta_net(self) -> bool:
+        """Class weights depend on the image (CoCoOp): nothing per class list can be cached."""
+        return bool(self.meta_net) and self.uses_text_prompts
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Any of PromptSRC's self-regulating terms is on (needs the frozen CLIP's view each step)."""
+        return bool(self.text_l1_weight or self.image_l1_weight or self.logit_kl_weight)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,8 +218,25 @@ def read_method_preset(method: str) -> dict[str, Any]:
 
 def load_preset(method: str) -> dict[str, Any]:
     """The options of a method preset (without ``method``, ``reference`` and the blocks)."""
-    skip = {"method", "reference", *PRESET_BLOCKS}
+    skip = {*PRESET_META, *PRESET_BLOCKS}
     return {k: v for k, v in read_method_preset(method).items() if k not in skip}
+
+
+TEMPLATE_DIR = CONFIG_DIR / "templates"
+
+
+def template_pool(spec: str | list[str]) -> list[str]:
+    """A template list as given, or the pool of that name shipped in ``pmpo/configs/templates/``."""
+    if isinstance(spec, list):
+        return list(spec)
+    path = TEMPLATE_DIR / f"{spec}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
+        raise InputError(f"unknown template pool {spec!r}; shipped: {', '.join(known)}")
+    templates = read_yaml_mapping(path, "template pool").get("templates")
+    if not isinstance(templates, list) or not templates or any("{}" not in str(t) for t in templates):
+        raise InputError(f"{path}: 'templates' must be a non-empty list of strings containing '{{}}'")
+    return [str(t) for t in templates]
 
 
 def preset_blocks(method: str, data: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
@@ -177,4 +253,4 @@ def preset_blocks(method: str, data: dict[str, Any] | None = None) -> dict[str, 
 
 
 __all__ = ["LEGACY_DEFAULTS", "PMPOConfig", "list_methods", "load_preset", "preset_blocks", "preset_file",
-           "read_method_preset"]
+           "read_method_preset", "template_pool"]

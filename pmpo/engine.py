@@ -95,6 +95,11 @@ class TrainConfig:
     # RandomResizedCrop's smallest area fraction: CoOp's 0.08 for natural images; small synthetic
     # scenes with one small object need more (a 8 % crop usually cuts the object out).
     min_crop_scale: float = 0.08
+    # PromptSRC's Gaussian prompt aggregation (GPA): the prompts after epoch e (1-based) are summed
+    # with weight N(e; gpa_mean, gpa_std), the weights normalised over epochs 1..epochs, and the run
+    # ends with that sum as its prompts (trainers/promptsrc.py). gpa_std 0: off, the last epoch's.
+    gpa_mean: float = 0.0
+    gpa_std: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,6 +120,7 @@ class TrainConfig:
             (0 < self.min_crop_scale <= 1, f"min_crop_scale must lie in (0, 1], got {self.min_crop_scale}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.gpa_std >= 0, f"gpa_std must be >= 0 (0: no prompt aggregation), got {self.gpa_std}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -180,6 +186,19 @@ def load_train_config(path: str | Path, dataset: str | None = None, shots: int |
 def load_train_preset(method: str, protocol: str, dataset: str | None = None, shots: int | None = None,
                       **overrides: Any) -> TrainConfig:
     return load_train_config(train_preset_path(method, protocol), dataset, shots, **overrides)
+
+
+def gpa_weights(cfg: TrainConfig) -> list[float] | None:
+    """Weight of the prompts after each epoch in the Gaussian aggregation (None when off): the
+    normal density at e = 1..epochs around ``gpa_mean`` with ``gpa_std``, normalised to sum 1."""
+    if not cfg.gpa_std:
+        return None
+    density = [math.exp(-0.5 * ((e - cfg.gpa_mean) / cfg.gpa_std) ** 2) for e in range(1, cfg.epochs + 1)]
+    total = sum(density)
+    if total == 0.0:
+        raise InputError(f"gpa_mean {cfg.gpa_mean} with gpa_std {cfg.gpa_std} gives every one of the "
+                         f"{cfg.epochs} epochs zero weight")
+    return [d / total for d in density]
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -307,9 +326,12 @@ def data_fingerprint(items: Sequence[Datum], classnames: Sequence[str]) -> str:
 
 
 def save_train_state(path: Path, model: PMPOModel, optimizer: torch.optim.Optimizer, epoch: int, step: int,
-                     cfg: TrainConfig, fingerprint: str, history: list[dict]) -> None:
-    """Prompts + optimizer state + progress in one file, so one ``os.replace`` keeps them consistent."""
+                     cfg: TrainConfig, fingerprint: str, history: list[dict],
+                     aggregate: dict[str, torch.Tensor] | None = None) -> None:
+    """Prompts + optimizer state + progress (+ the running GPA sum) in one file, so one
+    ``os.replace`` keeps them consistent."""
     tensors = {f"prompts.{k}": v.detach().float().contiguous().cpu() for k, v in model.prompts.state_dict().items()}
+    tensors.update({f"gpa.{k}": v.contiguous().cpu() for k, v in (aggregate or {}).items()})
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
@@ -343,7 +365,7 @@ def read_train_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def _restore(path: Path, model: PMPOModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-             fingerprint: str) -> tuple[int, int, list[dict]]:
+             fingerprint: str) -> tuple[int, int, list[dict], dict[str, torch.Tensor] | None]:
     tensors, meta = read_train_state(path)
     stored_cfg = json.loads(meta["train_config"])
     diff = [f"{k} {stored_cfg.get(k)!r} vs {v!r}" for k, v in cfg.to_dict().items()
@@ -373,7 +395,8 @@ def _restore(path: Path, model: PMPOModel, optimizer: torch.optim.Optimizer, cfg
     sd = optimizer.state_dict()
     sd["state"] = state
     optimizer.load_state_dict(sd)
-    return int(meta["epoch"]), int(meta["step"]), json.loads(meta["history"])
+    aggregate = {k[len("gpa."):]: v.to(model.device) for k, v in tensors.items() if k.startswith("gpa.")} or None
+    return int(meta["epoch"]), int(meta["step"]), json.loads(meta["history"]), aggregate
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,8 +498,10 @@ def train(
 
     optimizer = _build_optimizer(params, cfg)
     start_epoch, global_step, history = 0, 0, []
+    aggregate: dict[str, torch.Tensor] | None = None  # running GPA sum of the prompts (PromptSRC)
+    epoch_weights = gpa_weights(cfg)
     if resume and state_path is not None and state_path.is_file():
-        start_epoch, global_step, history = _restore(state_path, model, optimizer, cfg, fingerprint)
+        start_epoch, global_step, history, aggregate = _restore(state_path, model, optimizer, cfg, fingerprint)
     if out is not None and dinfo.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if start_epoch:
@@ -569,12 +594,16 @@ def train(
             "lr": lr, "images_per_s": float(epoch_stats[2]) / max(elapsed, 1e-9),
         }
         history.append(row)
+        if epoch_weights is not None:
+            aggregate = _aggregate(aggregate, model.prompts.state_dict(), epoch_weights[epoch])
+            if epoch == cfg.epochs - 1:  # the run ends with the aggregated prompts (saved below)
+                model.prompts.load_state_dict(aggregate)
         if progress is None and dinfo.is_main:  # the command line: one line per epoch, on a TTY or in a log
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f}, train acc {row['acc']:.1f} %, lr {lr:.2e}, "
                   f"{row['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
         if out is not None and dinfo.is_main:
             _write_jsonl(out / METRICS, step_rows + [row])
-            save_train_state(state_path, model, optimizer, epoch + 1, global_step, cfg, fingerprint, history)
+            save_train_state(state_path, model, optimizer, epoch + 1, global_step, cfg, fingerprint, history, aggregate)
             model.save(str(ckpt_path), epoch=str(epoch + 1), train_config=json.dumps(cfg.to_dict()))
         pdist.barrier()
     model.eval()
@@ -585,6 +614,12 @@ def train(
         images_per_s=images_seen / wall if images_seen else 0.0, stopped=stopped,
         checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file() else None,
     )
+
+
+def _aggregate(total: dict[str, torch.Tensor] | None, state: dict[str, torch.Tensor],
+               weight: float) -> dict[str, torch.Tensor]:
+    """total + weight · state, in fp32 (a new dict: the running sum is never aliased to the prompts)."""
+    return {k: weight * v.detach().float() + (0 if total is None else total[k]) for k, v in state.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,6 +677,6 @@ def evaluate(
 
 
 __all__ = [
-    "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult", "evaluate", "load_train_config",
+    "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult", "evaluate", "gpa_weights", "load_train_config",
     "load_train_preset", "lr_at", "plan_epoch", "train", "train_preset_path",
 ]

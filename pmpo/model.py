@@ -1,4 +1,4 @@
-"""One model class for zero-shot CLIP, CoOp, KgCoOp, MaPLe and PMPO.
+"""One model class for zero-shot CLIP, CoOp, CoCoOp, KgCoOp, VPT, IVLP, MaPLe, PromptSRC and PMPO.
 
 Data flow (DESIGN.md §2):
 
@@ -7,6 +7,11 @@ Data flow (DESIGN.md §2):
     w_c = normalise((1 − α)·mean_i t_i,c + α·t0_c)        (cached per class list in eval)
     image ──► vision tower with prompt tokens per depth segment ──► f [B, D]
     logits = exp(logit_scale) · normalise(f) · wᵀ
+
+With CoCoOp's meta-net the context is shifted per image, ctx + π(normalise(f)), so the prompts are
+t_i [B, N, C, D] and the weights w [B, C, D]: computed for every image (one batched text pass over
+B·N·C sequences), never cached. PromptSRC's self-regulating terms compare the prompted features and
+logits with the frozen CLIP's (``loss``).
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import Backbone, load_backbone
-from .config import PMPOConfig
+from .config import PMPOConfig, template_pool
 from .encoders import TextEncoder, VisionEncoder, VisionOutput
 from .errors import InputError
 from .prompts import PromptLearner
 
 CACHE_SIZE = 16
+# Sequences per text call when per-image prompts (CoCoOp) are encoded without gradients: bounds the
+# memory of evaluating B images × C classes (ImageNet: 100 × 1000) while keeping calls large.
+CONDITIONAL_TEXT_CHUNK = 4096
 
 
 def clean_classnames(classnames: Sequence[str]) -> list[str]:
@@ -49,9 +57,15 @@ def clean_classnames(classnames: Sequence[str]) -> list[str]:
 
 @dataclass
 class ClassWeights:
+    """What the text side gives for one class list. With a meta-net (``conditional``) the weights
+    depend on the image: ``weights``/``prompts`` are then those of the context *without* its
+    per-image shift (for display), and logits must come from :meth:`PMPOModel.logits_from`."""
+
     weights: torch.Tensor  # [C, D] combined, normalised
     prompts: torch.Tensor | None  # [N, C, D] per-prompt, normalised
     prior: torch.Tensor  # [C, D] manual prior, normalised
+    classnames: tuple[str, ...] = ()
+    conditional: bool = False
 
 
 class PMPOModel(nn.Module):
@@ -72,11 +86,12 @@ class PMPOModel(nn.Module):
             raise InputError(f"text_depth {cfg.text_depth} exceeds the text tower's {self.text.n_layers} layers")
         if cfg.n_prompts > 0:
             self.prompts = PromptLearner(
-                cfg, self.text.width, self.vision.width, self.vision.n_layers, self._phrase_embeddings
+                cfg, self.text.width, self.vision.width, self.vision.n_layers, self._phrase_embeddings,
+                image_dim=self.vision.output_dim,
             ).to(self.clip.logit_scale.device)
         self._prior_cache: OrderedDict = OrderedDict()
         # Fixed by the config and the tokenizer: computed once, not on every training step.
-        self._tails = self._init_tails() if self.prompts is not None else []
+        self._tails = self._init_tails() if cfg.uses_text_prompts else []
         self._weight_cache: OrderedDict = OrderedDict()
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -138,6 +153,22 @@ class PMPOModel(nn.Module):
         self._cache_put(self._prior_cache, key, prior)
         return prior
 
+    @torch.no_grad()
+    def teacher_text_features(self, classnames: Sequence[str]) -> torch.Tensor:
+        """[C, D]: the frozen text side of PromptSRC's terms, normalise(mean over ``teacher_templates``
+        of the *unnormalised* text features), as trainers/promptsrc.py averages ``encode_text``."""
+        names = clean_classnames(classnames)
+        templates = template_pool(self.cfg.teacher_templates)
+        key = ("teacher", tuple(names), tuple(templates))
+        if key in self._prior_cache:
+            self._prior_cache.move_to_end(key)
+            return self._prior_cache[key]
+        texts = [t.format(n) for t in templates for n in names]
+        feats = self.text.encode_tokens(self.text.tokenize(texts)).float()
+        teacher = F.normalize(feats.view(len(templates), len(names), -1).mean(0), dim=-1)
+        self._cache_put(self._prior_cache, key, teacher)
+        return teacher
+
     def prompt_tokens(self, classnames: Sequence[str]) -> torch.Tensor:
         """Token ids [G, C, L] of the prompted sequences ``[SOS] X..X (tail) {class}. [EOT]``: the M
         ``X`` slots take the learned context; ``tail`` is the rest of the init phrase when
@@ -177,9 +208,16 @@ class PMPOModel(nn.Module):
             tails.append(tokens[0, 1 + self.prompts.n_ctx:eot].cpu())
         return tails
 
-    def prompt_features(self, classnames: Sequence[str]) -> torch.Tensor:
-        """t_i [N, C, D]: all N prompts × C classes in one batched, truncated text pass."""
-        assert self.prompts is not None
+    def prompt_features(self, classnames: Sequence[str], shift: torch.Tensor | None = None) -> torch.Tensor:
+        """t_i [N, C, D]: all N prompts × C classes in one batched, truncated text pass.
+
+        ``shift`` [B, d_t] (CoCoOp's π(x)) is added to every context token, image by image: the result
+        is [B, N, C, D] from one pass over B·N·C sequences (the same per-sequence computation as
+        CoCoOp's loop over images), cut into calls of ``CONDITIONAL_TEXT_CHUNK`` sequences when no
+        gradient flows."""
+        if self.prompts is None or self.prompts.ctx is None:
+            raise InputError(f"method {self.cfg.method!r} learns no text context (n_prompts {self.cfg.n_prompts}, "
+                             f"n_ctx {self.cfg.n_ctx}): there are no prompted class embeddings")
         n, m = self.prompts.n_prompts, self.prompts.n_ctx
         tokens = self.prompt_tokens(classnames)  # [G, C, L]
         c = tokens.shape[1]
@@ -187,13 +225,29 @@ class PMPOModel(nn.Module):
         with torch.no_grad():
             frozen = self.text.embed(tokens[:, :, : int(eot.max()) + 1])  # [G, C, L, d]
         frozen = frozen.expand(n, -1, -1, -1)
+        eot = eot.expand(n, -1).reshape(-1)
+        deep = self.prompts.deep_text_prompts(c)
         ctx = self.prompts.ctx.to(frozen.dtype)  # [N, M, d]
-        x = torch.cat([frozen[:, :, :1], ctx[:, None].expand(-1, c, -1, -1), frozen[:, :, 1 + m:]], dim=2)
-        x = x.reshape(n * c, -1, frozen.shape[-1])
-        feats = self.text(
-            x, eot.expand(n, -1).reshape(-1), self.prompts.deep_text_prompts(c), prompt_slice=slice(1, 1 + m)
-        )
-        return F.normalize(feats.float(), dim=-1).view(n, c, -1)
+        if shift is None:
+            return self._encode_contexts(frozen, ctx[None], eot, deep)[0]
+        contexts = ctx[None] + shift.to(frozen.dtype)[:, None, None, :]  # [B, N, M, d]
+        step = contexts.shape[0] if torch.is_grad_enabled() else max(1, CONDITIONAL_TEXT_CHUNK // (n * c))
+        return torch.cat([self._encode_contexts(frozen, contexts[i:i + step], eot, deep)
+                          for i in range(0, contexts.shape[0], step)])
+
+    def _encode_contexts(self, frozen: torch.Tensor, contexts: torch.Tensor, eot: torch.Tensor,
+                         deep: dict[int, torch.Tensor]) -> torch.Tensor:
+        """[B, N, C, D] features of B context sets [B, N, M, d] spliced into the frozen sequences
+        [N, C, L, d] (deep prompts are the same for every context set)."""
+        b, (n, c) = contexts.shape[0], frozen.shape[:2]
+        m = contexts.shape[2]
+        x = torch.cat([frozen[None, :, :, :1].expand(b, -1, -1, -1, -1),
+                       contexts[:, :, None].expand(-1, -1, c, -1, -1),
+                       frozen[None, :, :, 1 + m:].expand(b, -1, -1, -1, -1)], dim=3)
+        x = x.reshape(b * n * c, -1, frozen.shape[-1])
+        deep = {j: p.repeat(b, 1, 1) for j, p in deep.items()} if b > 1 else deep
+        feats = self.text(x, eot.repeat(b), deep, prompt_slice=slice(1, 1 + m))
+        return F.normalize(feats.float(), dim=-1).view(b, n, c, -1)
 
     def class_weights(self, classnames: Sequence[str], templates: Sequence[str] | None = None) -> ClassWeights:
         """Combined class weights; cached per (class list, templates, prompt version) unless
@@ -202,20 +256,31 @@ class PMPOModel(nn.Module):
         names = clean_classnames(classnames)
         templates = tuple(templates or self.templates)
         prior = self.prior_features(names, templates)
-        if self.prompts is None or self.cfg.alpha == 1.0:
-            return ClassWeights(prior, None, prior)
+        if not self.cfg.uses_text_prompts or self.cfg.alpha == 1.0:
+            return ClassWeights(prior, None, prior, tuple(names))
         cacheable = not torch.is_grad_enabled()
         key = (tuple(names), templates, self._prompt_version())
         if cacheable and key in self._weight_cache:
             self._weight_cache.move_to_end(key)
             return self._weight_cache[key]
         prompts = self.prompt_features(names)
-        alpha = self.cfg.alpha
-        weights = F.normalize((1 - alpha) * prompts.mean(0) + alpha * prior, dim=-1)
-        result = ClassWeights(weights, prompts, prior)
+        weights = self._mix(prompts, prior)
+        result = ClassWeights(weights, prompts, prior, tuple(names), self.cfg.uses_meta_net)
         if cacheable:
             self._cache_put(self._weight_cache, key, result)
         return result
+
+    def _mix(self, prompts: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """w = normalise((1 − α)·mean_i t_i + α·t0) over the prompt axis (-3) of [..., N, C, D]."""
+        alpha = self.cfg.alpha
+        return F.normalize((1 - alpha) * prompts.mean(-3) + alpha * prior, dim=-1)
+
+    def conditional_weights(self, features: torch.Tensor, cw: ClassWeights) -> tuple[torch.Tensor, torch.Tensor]:
+        """CoCoOp: per-image weights [B, C, D] and prompts [B, N, C, D] for image features [B, D]
+        (the meta-net reads the normalised feature, as trainers/cocoop.py does)."""
+        shift = self.prompts.context_shift(F.normalize(features.float(), dim=-1))
+        prompts = self.prompt_features(cw.classnames, shift)
+        return self._mix(prompts, cw.prior), prompts
 
     # --- image side ----------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, return_attention: bool = False) -> VisionOutput | list[VisionOutput]:
@@ -248,6 +313,9 @@ class PMPOModel(nn.Module):
     # --- logits and losses -----------------------------------------------------------------------
     def logits_from(self, vision: VisionOutput | list[VisionOutput], cw: ClassWeights) -> torch.Tensor:
         scale = self.logit_scale
+        if cw.conditional:
+            weights, _ = self.conditional_weights(vision.features, cw)
+            return scale * torch.einsum("bd,bcd->bc", F.normalize(vision.features.float(), dim=-1), weights)
         if isinstance(vision, list):
             # per_prompt pass: prompt i's image feature meets prompt i's class embedding, each mixed
             # with the prior as in the single pass; the N views are averaged.
@@ -265,26 +333,51 @@ class PMPOModel(nn.Module):
         return self.logits_from(self.encode_image(images), cw)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Training objective: CE, plus per-prompt auxiliary CE (β) and prior consistency (λ)."""
+        """Training objective: CE, plus per-prompt auxiliary CE (β), prior consistency (λ) and
+        PromptSRC's self-regulating terms (L1 text, L1 image, KL logits), each with its own weight."""
+        cfg = self.cfg
         cw = self.class_weights(classnames)
         vision = self.encode_image(images)
-        logits = self.logits_from(vision, cw)
+        views = vision if isinstance(vision, list) else [vision]
+        feats = [F.normalize(v.features.float(), dim=-1) for v in views]
+        prompts = cw.prompts  # [N, C, D], or [B, N, C, D] per image with a meta-net
+        if cw.conditional:
+            weights, prompts = self.conditional_weights(vision.features, cw)
+            logits = self.logit_scale * torch.einsum("bd,bcd->bc", feats[0], weights)
+        else:
+            logits = self.logits_from(vision, cw)
         labels = labels.to(logits.device)
         ce = F.cross_entropy(logits, labels)
         out = {"logits": logits, "ce": ce, "loss": ce}
-        if cw.prompts is not None and self.cfg.aux_weight:
-            views = vision if isinstance(vision, list) else [vision] * len(cw.prompts)
-            aux = torch.stack([
-                F.cross_entropy(self.logit_scale * F.normalize(v.features.float(), dim=-1) @ cw.prompts[i].t(), labels)
-                for i, v in enumerate(views)
-            ]).mean()
-            out["aux"] = aux
-            out["loss"] = out["loss"] + self.cfg.aux_weight * aux
-        if cw.prompts is not None and self.cfg.consistency_weight:
-            mean_prompt = F.normalize(cw.prompts.mean(0), dim=-1)
-            consistency = (1 - (mean_prompt * cw.prior).sum(-1)).mean()
-            out["consistency"] = consistency
-            out["loss"] = out["loss"] + self.cfg.consistency_weight * consistency
+
+        def add(name: str, weight: float, value: torch.Tensor) -> None:
+            out[name] = value
+            out["loss"] = out["loss"] + weight * value
+
+        if prompts is not None and cfg.aux_weight:
+            n = prompts.shape[-3]
+            per_view = [feats[i if len(feats) > 1 else 0] for i in range(n)]
+            add("aux", cfg.aux_weight, torch.stack([
+                F.cross_entropy(self.logit_scale * _against(per_view[i], prompts[..., i, :, :]), labels) for i in range(n)
+            ]).mean())
+        if prompts is not None and cfg.consistency_weight:
+            mean_prompt = F.normalize(prompts.mean(-3), dim=-1)
+            add("consistency", cfg.consistency_weight, (1 - (mean_prompt * cw.prior).sum(-1)).mean())
+        if cfg.uses_teacher:
+            # PromptSRC (trainers/promptsrc.py): the frozen CLIP's image feature and its logits against
+            # the template-pool text features; L1 means over elements, KL sums over the batch's logits
+            # and divides by their number.
+            teacher = self.teacher_text_features(classnames)
+            plain = self.plain_image_features(images)
+            if prompts is not None and cfg.text_l1_weight:
+                add("text_l1", cfg.text_l1_weight, F.l1_loss(prompts, teacher.expand_as(prompts)))
+            if cfg.image_l1_weight:
+                add("image_l1", cfg.image_l1_weight, torch.stack([F.l1_loss(f, plain) for f in feats]).mean())
+            if cfg.logit_kl_weight:
+                zero_shot = self.logit_scale * plain @ teacher.t()
+                kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(zero_shot, dim=-1), reduction="sum",
+                              log_target=True) / logits.numel()
+                add("logit_kl", cfg.logit_kl_weight, kl)
         return out
 
     @torch.no_grad()
@@ -292,11 +385,12 @@ class PMPOModel(nn.Module):
         """[N, B, C]: what each learned prompt alone would predict (no prior mixed in)."""
         cw = self.class_weights(classnames)
         if cw.prompts is None:
-            raise InputError(f"method {self.cfg.method!r} has no learned prompts")
+            raise InputError(f"method {self.cfg.method!r} has no learned text prompts")
         vision = self.encode_image(images)
         views = vision if isinstance(vision, list) else [vision] * len(cw.prompts)
+        prompts = self.conditional_weights(vision.features, cw)[1] if cw.conditional else cw.prompts
         return torch.stack([
-            self.logit_scale * F.normalize(v.features.float(), dim=-1) @ cw.prompts[i].t()
+            self.logit_scale * _against(F.normalize(v.features.float(), dim=-1), prompts[..., i, :, :])
             for i, v in enumerate(views)
         ])
 
@@ -340,6 +434,13 @@ class PMPOModel(nn.Module):
         from .checkpoint import save_checkpoint
 
         save_checkpoint(self, path, **metadata)
+
+
+def _against(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cosine logits [B, C] of features [B, D] against shared weights [C, D] or per-image ones [B, C, D]."""
+    if weights.dim() == 3:
+        return torch.einsum("bd,bcd->bc", features, weights)
+    return features @ weights.t()
 
 
 def build_model(cfg: PMPOConfig, device: str | torch.device = "cpu", backbone: Backbone | None = None) -> PMPOModel:

@@ -1,4 +1,5 @@
-"""The learnable part: N text contexts, optional deep text prompts, and the text→vision couplings.
+"""The learnable part: N text contexts, optional deep text prompts, the text→vision couplings or
+independent visual tokens, and CoCoOp's meta-net.
 
 Everything a prompt checkpoint stores lives in :class:`PromptLearner`; the frozen CLIP never
 does. Which vision layers each prompt feeds is decided by :func:`resolve_partition`, and what
@@ -8,7 +9,7 @@ the vision tower sees at each layer by :meth:`PromptLearner.visual_schedule`.
 from __future__ import annotations
 
 import copy
-
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -69,9 +70,12 @@ class PromptLearner(nn.Module):
     """Learnable prompts of every method; sizes come from the backbone, never hard-coded.
 
     Parameters:
-      ``ctx``       [N, M, d_t]        text context of each prompt, spliced after SOS;
-      ``deep_ctx``  [N, D_t-1, M, d_t] deep text prompts for text layers 1..D_t-1 (if D_t > 1);
-      ``couplings`` Linear(d_t, d_v)   one per prompt, one shared, or one per prompted vision layer.
+      ``ctx``        [N, M, d_t]        text context of each prompt, spliced after SOS (none if M = 0);
+      ``deep_ctx``   [N, D_t-1, M, d_t] deep text prompts for text layers 1..D_t-1 (if D_t > 1);
+      ``couplings``  Linear(d_t, d_v)   one per prompt, one shared, or one per prompted vision layer;
+      ``visual_ctx`` [T, K, d_v]        with coupling ``independent``: K tokens of their own for each of
+                                        the T (prompt, layer) injections (VPT, IVLP), N(0, 0.02);
+      ``meta_net``   Linear(D, D/16) → ReLU → Linear(D/16, d_t)  CoCoOp's per-image context shift.
     """
 
     def __init__(
@@ -81,24 +85,38 @@ class PromptLearner(nn.Module):
         vision_width: int,
         vision_layers: int,
         init_embeddings: Callable[[str], torch.Tensor],
+        image_dim: int | None = None,
     ):
         super().__init__()
         n, m = cfg.n_prompts, cfg.n_ctx
         self.n_prompts, self.n_ctx, self.text_depth = n, m, cfg.text_depth
         self.mode, self.coupling_kind = cfg.visual_mode, cfg.coupling
-        self.ctx = nn.Parameter(self._init_ctx(cfg.ctx_init, n, m, text_width, init_embeddings))
+        self.ctx = nn.Parameter(self._init_ctx(cfg.ctx_init, n, m, text_width, init_embeddings)) if m > 0 else None
         deep = torch.empty(n, cfg.text_depth - 1, m, text_width)
         nn.init.normal_(deep, std=0.02)
-        self.deep_ctx = nn.Parameter(deep) if cfg.text_depth > 1 else None
+        self.deep_ctx = nn.Parameter(deep) if cfg.text_depth > 1 and m > 0 else None
 
         self.segments: list[Segment] = []
         self.couplings = nn.ModuleList()
         self.layer_to_coupling: dict[int, int] = {}
+        self.visual_ctx: nn.Parameter | None = None
+        self.visual_rows: dict[tuple[int, int], int] = {}  # (prompt, layer) -> row of visual_ctx
         if cfg.uses_visual_prompts:
             self.segments = resolve_partition(cfg.partition, n, vision_layers, cfg.visual_start)
             if cfg.visual_mode == "carry":
                 _check_carry_segments(self.segments)
-            if cfg.coupling == "per_layer":
+            if cfg.coupling == "independent":
+                # As VPT/IVLP build them (multimodal-prompt-learning, clip/model.py: `VPT` at the input
+                # and one `VPT_shallow` per deeper layer, each nn.init.normal_(std=0.02)): own tokens
+                # for every layer a prompt is injected at (its segment's first layer under carry).
+                for i, (first, last) in enumerate(self.segments):
+                    for layer in (range(first, last + 1) if cfg.visual_mode == "replace" else [first]):
+                        self.visual_rows[(i, layer)] = len(self.visual_rows)
+                tokens = torch.empty(len(self.visual_rows), cfg.n_ctx_vision, vision_width)
+                nn.init.normal_(tokens, std=0.02)
+                self.visual_ctx = nn.Parameter(tokens)
+                count = 0  # no couplings
+            elif cfg.coupling == "per_layer":
                 layers = sorted({l for a, b in self.segments for l in range(a, b + 1)})
                 self.layer_to_coupling = {l: i for i, l in enumerate(layers)}
                 count = len(layers)
@@ -114,6 +132,18 @@ class PromptLearner(nn.Module):
                 self.couplings.extend(copy.deepcopy(deep_one) for _ in range(count - 1))
             else:
                 self.couplings.extend(nn.Linear(text_width, vision_width) for _ in range(count))
+
+        self.meta_net: nn.Sequential | None = None
+        if cfg.uses_meta_net:
+            if image_dim is None:
+                raise InputError("meta_net needs the image feature size (image_dim)")
+            # CoCoOp's trainers/cocoop.py: vis_dim -> vis_dim // 16 -> ctx_dim, PyTorch's default init.
+            hidden = max(1, image_dim // 16)
+            self.meta_net = nn.Sequential(OrderedDict([
+                ("linear1", nn.Linear(image_dim, hidden)),
+                ("relu", nn.ReLU()),
+                ("linear2", nn.Linear(hidden, text_width)),
+            ]))
 
     @staticmethod
     def _init_ctx(init, n: int, m: int, width: int, embed: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -155,12 +185,19 @@ class PromptLearner(nn.Module):
             return self.deep_ctx[prompt, k - 1]
         return self.ctx[prompt]
 
+    def context_shift(self, image_features: torch.Tensor) -> torch.Tensor:
+        """CoCoOp's π(x) [B, d_t] from normalised image features [B, D]: added to every context token."""
+        assert self.meta_net is not None
+        return self.meta_net(image_features.to(self.meta_net.linear1.weight.dtype))
+
     def _coupling(self, prompt: int, layer: int) -> nn.Linear:
         if self.coupling_kind == "per_layer":
             return self.couplings[self.layer_to_coupling[layer]]
         return self.couplings[prompt if self.coupling_kind == "per_prompt" else 0]
 
     def visual_tokens(self, prompt: int, layer: int) -> torch.Tensor:
+        if self.visual_ctx is not None:
+            return self.visual_ctx[self.visual_rows[(prompt, layer)]]
         return self._coupling(prompt, layer)(self._text_source(prompt, layer))
 
     def visual_schedule(self, n_layers: int, prompt: int | None = None) -> list[torch.Tensor | None] | None:

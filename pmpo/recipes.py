@@ -15,6 +15,8 @@ and ``result.json`` use. Later wins:
 * templates any of the model layers above that names ``templates`` < otherwise the dataset's own
             (CoOp's ``CUSTOM_TEMPLATES``, the papers' zero-shot rows) < otherwise (user data) the
             preset's generic one. Targets of a transfer protocol are then scored with their own.
+            A preset with ``dataset_templates: false`` (VPT, whose code classifies with "a photo of
+            a {}." everywhere) keeps its own templates on every dataset and target.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from .engine import TrainConfig, load_train_config, train_preset_path
 from .errors import InputError
 from .io import read_yaml_mapping
 from .protocols import PROTOCOLS
+
+
+# templates_from when a preset's templates hold on every dataset (``dataset_templates: false``).
+OWN_TEMPLATES = "method preset (every dataset)"
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class Recipe:
     @property
     def target_templates(self) -> bool:
         """Score each transfer target with its own templates (unless the user fixed them)."""
-        return self.templates_from != "options"
+        return self.templates_from not in ("options", OWN_TEMPLATES)
 
     @property
     def trains(self) -> bool:
@@ -115,6 +121,8 @@ def resolve_recipe(
         templates_from = "options"
     elif "templates" in layered:
         templates_from = f"method preset (datasets.{dataset})"
+    elif preset.get("dataset_templates", True) is False:
+        templates_from = OWN_TEMPLATES
     elif dataset is not None and dataset_templates(dataset) is not None:
         layered["templates"] = dataset_templates(dataset)
         templates_from = f"dataset {dataset}"

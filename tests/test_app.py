@@ -203,6 +203,31 @@ def test_classify_views_match_the_model(state, pictures):
     assert classify.bar_chart(scores, 3) is not None
 
 
+@pytest.mark.parametrize("method", ["cocoop", "vpt", "ivlp", "promptsrc"])
+def test_every_new_method_runs_in_every_tab(state, pictures, tmp_path, method):
+    """CoCoOp's learned column comes from its per-image class weights; VPT has no text prompts."""
+    backbone = state.backbone()
+    torch.manual_seed(0)
+    model = build_model(PMPOConfig(method=method, model=backbone.model_name, pretrained="none"), backbone=backbone)
+    with torch.no_grad():
+        for p in model.learnable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    path = tmp_path / f"{method}.safetensors"
+    model.save(str(path))
+    assert method in train_tab.TRAIN_METHODS
+    entry = state.model(None, state.add_checkpoint_file(str(path)))
+    images = [Image.open(p).convert("RGB") for p in pictures[:2]]
+    scores = classify.score(state, entry, images, ["a", "b"], CLASSES, TEMPLATES)
+    x = classify.preprocess(entry.model, images)
+    with torch.no_grad():
+        assert torch.allclose(scores.probs["learned"], entry.model(x, CLASSES).softmax(-1), atol=1e-5)
+    assert (scores.per_prompt is None) == (method == "vpt")
+    maps = attention.attention_maps(state, entry, images[0], CLASSES, TEMPLATES)
+    assert maps.classname in CLASSES
+    emb = embeddings.embed(state, entry, images, pictures[:2], ["a", "b"], app_state.EXAMPLE_CLASSES[:3], TEMPLATES, "PCA")
+    assert np.isfinite(emb.frame[["x", "y"]].to_numpy()).all()
+
+
 def test_templates_are_passed_not_mutated(state, trained_checkpoint, pictures):
     entry = state.model(None, state.add_checkpoint_file(trained_checkpoint))
     images = [Image.open(pictures[0]).convert("RGB")]

@@ -97,7 +97,7 @@ def test_no_prompts_equals_zero_shot(backbone):
 
 # --- presets and partitions -------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["zeroshot", "coop", "kgcoop", "maple", "pmpo"])
+@pytest.mark.parametrize("method", ["zeroshot", "coop", "cocoop", "kgcoop", "vpt", "ivlp", "maple", "promptsrc", "pmpo"])
 def test_every_preset_builds_and_runs(backbone, method):
     assert method in list_methods()
     model = make(backbone, method)

@@ -47,8 +47,8 @@ class Neighbour:
 
 def context_vectors(model) -> list[tuple[int, int, torch.Tensor]]:
     """(prompt, layer, [M, d_t]) for the input context and each deep text prompt."""
-    if model.prompts is None:
-        raise InputError(f"method {model.cfg.method!r} has no learned prompts to interpret")
+    if model.prompts is None or model.prompts.ctx is None:  # zero-shot, or VPT (visual tokens only)
+        raise InputError(f"method {model.cfg.method!r} has no learned prompts to interpret (no text context)")
     out = [(i, 0, model.prompts.ctx[i]) for i in range(model.prompts.n_prompts)]
     if model.prompts.deep_ctx is not None:
         deep = model.prompts.deep_ctx  # [N, D_t - 1, M, d_t]

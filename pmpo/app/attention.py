@@ -117,6 +117,9 @@ def attention_maps(state: AppState, entry: LoadedModel, image: Image.Image, clas
         if classname.strip().lower() not in lookup:
             raise InputError(f"Class {classname!r} is not in the class list.")
         c = lookup[classname.strip().lower()]
+    elif cw.conditional:  # CoCoOp: the class weights of this image (its own text pass)
+        with entry.lock:
+            c = int(model.logits_from(passes[0], cw)[0].argmax())
     else:
         feats = [F.normalize(p.features.float(), dim=-1) for p in passes]
         c = int(torch.stack([f @ cw.weights.t() for f in feats]).mean(0)[0].argmax())
@@ -130,8 +133,10 @@ def attention_maps(state: AppState, entry: LoadedModel, image: Image.Image, clas
         out = passes[i] if len(passes) > 1 else passes[0]
         titles.append(f"prompt {i + 1} (layers {first}–{last})")
         cls_maps.append(cls_attention(out, range(first, last + 1)))
-        text_maps.append(patch_similarity(out, cw.prompts[i, c]))
-        text_scores.append(float(F.normalize(out.features.float(), dim=-1)[0] @ cw.prompts[i, c]))
+        # VPT learns no text: its prompted image meets the class weights (the frozen prior).
+        text = cw.prompts[i, c] if cw.prompts is not None else cw.weights[c]
+        text_maps.append(patch_similarity(out, text))
+        text_scores.append(float(F.normalize(out.features.float(), dim=-1)[0] @ text))
         shares.append(float(np.mean(prompt_mass(out)[first:last + 1])))
 
     if model.prompts is None or not segments:

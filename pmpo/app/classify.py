@@ -68,7 +68,10 @@ def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], im
             feats = prompted_features(model, x)
             rows[VIEWS[0]].append(scale * plain @ cw.prior.t())
             rows[VIEWS[1]].append(scale * torch.stack([f @ cw.prior.t() for f in feats]).mean(0))
-            if cw.prompts is not None:
+            if cw.conditional:  # CoCoOp: per-image class weights, from the model's own per-image pass
+                learned = model.logits_from(model.encode_image(x), cw)
+                per_prompt.append(model.per_prompt_logits(x, classnames))
+            elif cw.prompts is not None:
                 alpha = model.cfg.alpha
                 # Prompt i's view of the image (its own pass under per_prompt) meets its class
                 # embeddings mixed with the prior, as in PMPOModel.logits_from.

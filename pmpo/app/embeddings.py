@@ -45,9 +45,12 @@ def collect(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], 
         x = preprocess(model, images)
         plain = model.plain_image_features(x)
         feats = prompted_features(model, x)
+        # CoCoOp's class weights depend on the image: its predictions come from its own per-image pass
+        # (the text points shown are its context without the per-image shift).
+        conditional = model.logits_from(model.encode_image(x), cw) if cw.conditional else None
     prompted = torch.stack(feats).mean(0)
     prompted = prompted / prompted.norm(dim=-1, keepdim=True)
-    combined = torch.stack([f @ cw.weights.t() for f in feats]).mean(0)
+    combined = conditional if conditional is not None else torch.stack([f @ cw.weights.t() for f in feats]).mean(0)
     vectors, meta = [], []
     for b, name in enumerate(names):
         label = label_from_filename(paths[b], classnames)

@@ -36,7 +36,8 @@ from pmpo.model import build_model
 from .inputs import MAX_CLASSNAME_CHARS, display_name, file_path
 from .state import TRAINED_PREFIX, AppState, BackboneSpec, LRU
 
-TRAIN_METHODS = tuple(m for m in ("pmpo", "coop", "kgcoop", "maple") if m in list_methods())
+TRAIN_METHODS = tuple(m for m in ("pmpo", "coop", "cocoop", "kgcoop", "vpt", "ivlp", "maple", "promptsrc")
+                      if m in list_methods())
 MAX_TRAIN_IMAGES = 2000
 MAX_EPOCHS = 50
 MAX_ZIP_MEMBERS = 5000

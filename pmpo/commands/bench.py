@@ -54,6 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"count and scale to the full pass; 0 = time them all ({both('naive_max_chunks')})")
     p.add_argument("--methods", type=_str_list, default=d.train_methods,
                    help=f"training rows, comma-separated from {','.join(TRAIN_METHODS)} (default: all)")
+    p.add_argument("--infer-methods", type=_str_list, default=d.infer_methods,
+                   help="inference rows, comma-separated methods (default: pmpo); e.g. pmpo,coop,cocoop puts "
+                        "CoCoOp's per-image class weights beside CoOp's cached ones")
+    p.add_argument("--memory-infer", type=_str_list, default=d.memory_infer_methods,
+                   help="also measure the peak memory of one inference batch (--memory-batch images, "
+                        "--memory-classes classes) for these methods, e.g. coop,cocoop (default: none)")
+    p.add_argument("--no-train-memory", action="store_true",
+                   help="skip the PMPO training-step memory rows (keeps --memory-infer ones)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="fp32, or bf16 autocast (default: fp32)")
     p.add_argument("--repeats", type=int, default=d.repeats, help=f"timed rounds; medians reported (default: {d.repeats})")
@@ -80,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         naive_max_chunks=args.naive_max_chunks or None, device=args.device, dtype=args.dtype,
         repeats=args.repeats, warmup=args.warmup, compile=args.compile, memory=not args.no_memory,
         memory_classes=args.memory_classes, memory_batch=args.memory_batch, scaling=args.scaling,
-        train_methods=tuple(args.methods),
+        train_methods=tuple(args.methods), infer_methods=tuple(args.infer_methods),
+        memory_infer_methods=tuple(args.memory_infer), train_memory=not args.no_train_memory,
     )
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_bench(cfg, log=log)

@@ -16,6 +16,7 @@ examples:
   pmpo recipe --method maple --protocol cross_dataset --dataset imagenet
   pmpo recipe --method coop --protocol fewshot --dataset eurosat --shots 1 --json
   pmpo recipe --method kgcoop --dataset dtd          # KgCoOp's own DTD prior
+  pmpo recipe --method promptsrc --protocol fewshot --dataset eurosat   # GPA 45 / 5 on EuroSAT
   pmpo recipe --table > docs/RECIPES-table.md        # every method x protocol (docs/RECIPES.md)
 
 Options given to `pmpo train` (--epochs, --lr, --config, --template, ...) are accepted here too and
@@ -24,9 +25,10 @@ change the recipe the same way, so this is the place to check what a command lin
 
 # The table of docs/RECIPES.md: one row per (method, protocol), values at 16 shots on a generic dataset.
 TABLE_MODEL_FIELDS = ("n_prompts", "n_ctx", "ctx_init", "frozen_init_tail", "text_depth", "visual_prompts",
-                      "partition", "coupling", "prompt_ln_pre", "alpha", "consistency_weight")
+                      "partition", "coupling", "n_ctx_vision", "prompt_ln_pre", "meta_net", "alpha",
+                      "consistency_weight", "text_l1_weight", "image_l1_weight", "logit_kl_weight")
 TABLE_TRAIN_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "scheduler", "warmup_epochs", "warmup_lr",
-                      "weight_decay", "momentum")
+                      "weight_decay", "momentum", "gpa_mean", "gpa_std")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
