@@ -117,6 +117,10 @@ class BenchConfig:
     infer_methods: tuple[str, ...] = ("pmpo",)  # inference rows (PMPO's carries the target)
     memory_infer_methods: tuple[str, ...] = ()  # peak memory of one inference batch, per method
     train_memory: bool = True  # the PMPO training-step memory rows (with and without checkpointing)
+    # Methods whose training step is also timed against the sum of its minimal parts, each alone in
+    # the same rounds: the prompted image pass with input gradients, and the N·C truncated text
+    # sequences forward + backward. step / sum of parts measures what the step wastes beyond them.
+    parts_methods: tuple[str, ...] = ("pmpo", "maple")
     seed: int = 0
 
     def resolved(self, device: torch.device) -> "BenchConfig":
@@ -505,6 +509,9 @@ def _image_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log:
         optimizer = torch.optim.SGD(model.learnable_parameters(), lr=1e-3, momentum=0.9)
         cases[f"train:{method}"] = train_step(model, optimizer, images, labels, names, device, cfg.dtype)
         models[method] = model
+        if method in cfg.parts_methods and model.cfg.uses_text_prompts:
+            cases[f"part_image:{method}"], cases[f"part_text:{method}"] = minimal_parts(model, images, names, device,
+                                                                                        cfg.dtype)
     log(f"image side: {len(cases)} cases × ({cfg.warmup} warm-up + {cfg.repeats}) rounds, batch {cfg.batch}, "
         f"{cfg.classes} classes")
     timed = interleaved_medians(cases, cfg.repeats, cfg.warmup, device, log)
@@ -522,7 +529,15 @@ def _image_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log:
         labels_of[f"infer:{method}"] = f"{method_label(method)} inference, {how}"
     for method in cfg.train_methods:
         labels_of[f"train:{method}"] = f"{method_label(method)} training step (fwd+bwd+SGD)"
+        labels_of[f"part_image:{method}"] = f"{method_label(method)} part: prompted image pass, fwd + input-grad bwd"
+        labels_of[f"part_text:{method}"] = f"{method_label(method)} part: N·C truncated text sequences, fwd + bwd"
     floor_s = timed["floor"]["median_s"]
+    for method in cfg.train_methods:
+        if f"part_text:{method}" in timed:
+            parts_s = timed[f"part_image:{method}"]["median_s"] + timed[f"part_text:{method}"]["median_s"]
+            checks[f"parts:{method}"] = {"parts_ms": 1000 * parts_s,
+                                         "step_ms": 1000 * timed[f"train:{method}"]["median_s"],
+                                         "parts_vs_step": parts_s / timed[f"train:{method}"]["median_s"]}
     rows = []
     for name, t in timed.items():
         kind, _, method = name.partition(":")
@@ -538,6 +553,30 @@ def _image_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log:
             row["meets_target"] = row["vs_floor"] >= target
         rows.append(row)
     return rows, checks
+
+
+def minimal_parts(model: PMPOModel, images: torch.Tensor, names: Sequence[str], device: torch.device, dtype: str
+                  ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The two things a prompt-learning step cannot avoid, as closures timed alone: (1) the prompted
+    image pass with gradients flowing back to the prompt tokens, (2) the N·C prompted text sequences
+    (truncated after the EOT) forward and backward. Their sum is a floor for the step built from the
+    method's own work, so step time / sum says how much the step wastes beyond it (logits, loss,
+    optimiser, glue)."""
+
+    def image() -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            out = model.encode_image(images)
+            feats = torch.stack([o.features for o in out]) if isinstance(out, list) else out.features
+        feats.float().sum().backward()
+
+    def text() -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            feats = model.prompt_features(names)
+        feats.float().sum().backward()
+
+    return image, text
 
 
 def _infer_case(model: PMPOModel, images: torch.Tensor, names: list[str], device: torch.device, dtype: str
@@ -711,6 +750,14 @@ def format_markdown(result: BenchResult | dict[str, Any]) -> str:
     for row in r["rows"]:
         lines.append(f"| {row['label']} | {row['images_per_s']:.2f} | {row['ms_per_batch']:.0f} | "
                      f"{row['vs_floor']:.2f} | {_mark(row)} |")
+    parts = {k.split(":", 1)[1]: v for k, v in r["checks"].items() if k.startswith("parts:")}
+    if parts:
+        lines += ["", "| training step vs its minimal parts | parts: image + text (ms) | step (ms) | parts / step |",
+                  "|---|---:|---:|---:|"]
+        for method, p in parts.items():
+            lines.append(f"| {method_label(method)} | {p['parts_ms']:.0f} | {p['step_ms']:.0f} | {p['parts_vs_step']:.2f} |")
+        lines += ["", "Parts / step near 1: the step does little beyond the prompted image pass with input gradients "
+                      "and the N·C text sequences forward + backward, each timed alone in the same rounds."]
     if r["text"]:
         lines += ["", "| text side (forward, no grad) | sequences | naive: s (tokens) | batched: s (tokens) "
                       "| speed-up | max abs diff | target |",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pmpo import PMPOConfig, build_model, load_backbone
-from pmpo.bench import BenchConfig, bench_classnames, format_markdown, naive_text_features, run_bench
+from pmpo.bench import BenchConfig, bench_classnames, format_markdown, minimal_parts, naive_text_features, run_bench
 from pmpo.cli import main
 from pmpo.errors import InputError
 
@@ -40,7 +40,13 @@ def test_bench_cli_prints_complete_table(tiny_model, tmp_path, capsys):
     assert "nan" not in printed.lower() and "inf " not in printed.lower()
 
     result = json.loads(out_json.read_text())
-    assert [r["case"] for r in result["rows"]] == ["floor", "infer:pmpo", "train:pmpo", "train:coop", "train:maple"]
+    assert [r["case"] for r in result["rows"]] == ["floor", "infer:pmpo", "train:pmpo", "part_image:pmpo",
+                                                   "part_text:pmpo", "train:coop", "train:maple",
+                                                   "part_image:maple", "part_text:maple"]
+    for method in ("pmpo", "maple"):  # the waste ratio: step against the sum of its two parts, timed alone
+        parts = result["checks"][f"parts:{method}"]
+        assert parts["parts_vs_step"] == pytest.approx(parts["parts_ms"] / parts["step_ms"]) and parts["parts_ms"] > 0
+    assert "training step vs its minimal parts" in printed
     for row in result["rows"]:
         assert math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0
         assert math.isfinite(row["vs_floor"]) and row["vs_floor"] > 0
@@ -133,3 +139,18 @@ def test_grad_checkpointing_inactive_without_grad(backbone):
     with torch.no_grad():
         without = model.prompt_features(["cat", "dog"])
     assert torch.equal(with_flag, without)
+
+
+def test_minimal_parts_do_the_steps_gradient_work(backbone):
+    """The parts are a floor only if they do the step's unavoidable work: the image part must send
+    gradients back to the prompt tokens through the vision tower, the text part through the text tower."""
+    model = build_model(PMPOConfig(method="pmpo", model=backbone.model_name, n_prompts=2), backbone=backbone).train()
+    size = backbone.image_size
+    image, text = minimal_parts(model, torch.randn(2, 3, size, size), ["cat", "dog", "tree frog"], torch.device("cpu"),
+                                "fp32")
+    image()
+    coupling_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "couplings" in n]
+    assert coupling_grads and all(g is not None and g.abs().sum() > 0 for g in coupling_grads)
+    text()
+    assert model.prompts.ctx.grad is not None and model.prompts.ctx.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if p.requires_grad and "couplings" in n)

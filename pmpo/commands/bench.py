@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-infer", type=_str_list, default=d.memory_infer_methods,
                    help="also measure the peak memory of one inference batch (--memory-batch images, "
                         "--memory-classes classes) for these methods, e.g. coop,cocoop (default: none)")
+    p.add_argument("--parts", type=_str_list, default=d.parts_methods,
+                   help="training methods also timed against their minimal parts (prompted image fwd + input-grad bwd, "
+                        "N·C text fwd + bwd; default: pmpo,maple; '' skips)")
     p.add_argument("--no-train-memory", action="store_true",
                    help="skip the PMPO training-step memory rows (keeps --memory-infer ones)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         memory_classes=args.memory_classes, memory_batch=args.memory_batch, scaling=args.scaling,
         train_methods=tuple(args.methods), infer_methods=tuple(args.infer_methods),
         memory_infer_methods=tuple(args.memory_infer), train_memory=not args.no_train_memory,
+        parts_methods=tuple(args.parts),
     )
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_bench(cfg, log=log)
