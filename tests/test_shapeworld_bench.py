@@ -82,14 +82,24 @@ def _sweep_models(path: Path, backbone):
     return sweep, built
 
 
-def test_benchmark_sweep_runs_five_methods_with_one_recipe(shipped_backbone):
+def test_benchmark_sweep_runs_every_method_with_one_recipe(shipped_backbone):
     sweep, built = _sweep_models(SWEEP, shipped_backbone)
     assert sweep.protocol == "base2new" and sweep.shots == 16 and sweep.seeds == [1, 2, 3]
     assert sweep.datasets == ["shapeworld"] and sweep.targets == ["shapeworld_sketch"]
     assert resolve_model_name(sweep.model) == OFFLINE_MODEL  # the shipped model, from any directory
-    assert [m.method for m in sweep.methods] == ["zeroshot", "coop", "kgcoop", "maple", "pmpo"]
-    recipes = {name: {k: v for k, v in train.to_dict().items() if k != "seed"} for name, (_, train) in built.items()}
-    assert all(r == recipes["pmpo"] for r in recipes.values()), recipes  # CoOp's 200-epoch preset overridden
+    assert [m.method for m in sweep.methods] == ["zeroshot", "coop", "kgcoop", "maple", "pmpo",
+                                                 "cocoop", "vpt", "ivlp", "promptsrc"]
+    # One recipe for all (CoOp's 200-epoch preset overridden); PromptSRC's prompt aggregation is its own,
+    # rescaled to the recipe's 5 epochs.
+    gpa = ("gpa_mean", "gpa_std")
+    recipes = {name: {k: v for k, v in train.to_dict().items() if k != "seed" and k not in gpa}
+               for name, (_, train) in built.items()}
+    assert all(r == recipes["pmpo"] for r in recipes.values()), recipes
+    promptsrc_train = built["promptsrc"][1]
+    assert (promptsrc_train.gpa_mean, promptsrc_train.gpa_std) == (4, 1) and promptsrc_train.gpa_mean < promptsrc_train.epochs
+    for name in ("promptsrc", "ivlp"):  # deep text prompts in every layer of this 3-layer text tower
+        assert built[name][0].prompts.text_depth == built[name][0].text.n_layers
+    assert built["promptsrc"][0].prompts.segments == [(0, 2)]
     assert built["zeroshot"][0].num_learnable() == 0
     maple = built["maple"][0].prompts
     assert maple.text_depth == built["maple"][0].text.n_layers and maple.segments == [(0, 2)]
@@ -110,6 +120,10 @@ def test_ablation_sweep_varies_one_factor_from_the_benchmark_pmpo(shipped_backbo
         if model.cfg.alpha != pytest.approx(base["alpha"]) and "n_prompts" not in diffs[name]:
             diffs[name]["alpha"] = model.cfg.alpha
     assert diffs["pmpo"] == {}
+    varied = sorted((k, json.dumps(v)) for d in diffs.values() for k, v in d.items())
+    src = ("text_l1_weight", "image_l1_weight", "logit_kl_weight")  # one factor: PromptSRC's three terms
+    assert sorted(diffs.pop("pmpo-src")) == sorted(src)
+    assert built["pmpo-src"][1].gpa_mean == 4  # with its prompt aggregation, as the promptsrc row
     varied = sorted((k, json.dumps(v)) for d in diffs.values() for k, v in d.items())
     assert varied == sorted([("n_prompts", "1"), ("n_prompts", "2"), ("partition", '"all"'), ("alpha", "0.0")])
     assert all(len(d) <= 1 for d in diffs.values())  # one factor at a time
