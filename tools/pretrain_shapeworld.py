@@ -362,10 +362,14 @@ def probe_eval(model, device="cpu", batch=256) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- save / eval
 
-def save_folder(model, out: Path, model_cfg: dict):
+def save_folder(model, out: Path, model_cfg: dict, heads: torch.nn.Module | None = None):
+    """open_clip's ``local-dir:`` folder (fp16 weights + config), plus the attribute heads beside it
+    when given, so that a later stage (``--init``) continues with them."""
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    if heads is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(out / HEADS_FILE))
+    sd = {k: v.detach().cpu().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(out / "open_clip_model.safetensors"))
     (out / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": model_cfg, "preprocess_cfg": PREPROCESS_CFG}, indent=2) + "\n")
@@ -516,8 +520,7 @@ def write_card(out: Path, record: dict, res: dict):
         "The same numbers are in `eval.json` (a test recomputes them).",
         "",
     ]
-    hidden = [t for t in stages if t.get("p_shape_word", 1.0) < 1.0]
-    if hidden:
+    if any(t.get("p_shape_word", 1.0) < 1.0 for t in stages):
         last = next((c for c in reversed(stages[-1].get("probe_curve", [])) if c["step"] <= stages[-1]["steps"]), None)
         lines += [
             "**Zero-shot is weak on shape by design.** The captions rarely name the shape (see Training), as web",
@@ -759,12 +762,7 @@ def main(argv=None):
             print(f"PROBE step {step}: {r}", flush=True)
         if args.save_every and step % args.save_every == 0 and step >= args.save_from:
             snapshot = out / f"step_{step}"
-            model.cpu()
-            save_folder(model, snapshot, model_cfg)
-            model.to(device)
-            from safetensors.torch import save_file
-            save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()},
-                      str(snapshot / HEADS_FILE))
+            save_folder(model, snapshot, model_cfg, heads)
             record = training_record(args, step, el, ema, model_cfg, device, curve)
             record["snapshot_of"] = args.steps  # taken mid-schedule: the run's --steps, not this step count
             if previous is not None:
@@ -780,9 +778,7 @@ def main(argv=None):
     print(f"trained {step} steps in {train_seconds:.0f}s", flush=True)
 
     model.cpu()
-    save_folder(model, out, model_cfg)
-    from safetensors.torch import save_file
-    save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(out / HEADS_FILE))
+    save_folder(model, out, model_cfg, heads)
     record = {
         "model": f"local-dir:{out}",
         "n_params": n_params,
@@ -802,20 +798,20 @@ def main(argv=None):
 def training_record(args, step: int, train_seconds: float, ema: float, model_cfg: dict, device, curve) -> dict:
     """What a stage did, as eval.json's ``training`` (the model card and the next stage read it)."""
     return {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
-                     "warmup": args.warmup, "p_two": args.p_two, "seed": args.seed,
-                     "schedule": "cosine over steps" if args.steps else f"cosine over {args.minutes} min wall time",
-                     "minutes": args.minutes, "p_grouped": args.p_grouped,
-                     "aux_weight": args.aux_weight, "clip_grad": args.clip_grad, "model_cfg": model_cfg,
-                     "grown": bool(args.init and args.grow), "n_uncaptioned": args.n_uncaptioned,
-                     "separate_heads": args.separate_heads, "uncaptioned_weight": args.uncaptioned_weight, "shift": dict(sw.DOWNSTREAM_SHIFT),
-                     "p_shape_word": args.p_shape_word, "residual_scale": args.residual_scale if not args.init else None,
-                     "device": str(device) + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
-                                              if device.type == "cuda" else ""),
-                     "probe_curve": curve,
-                     "train_seconds": round(train_seconds, 1), "final_loss": round(ema, 4),
-                     "threads": args.threads, "torch": torch.__version__,
-                     "open_clip": open_clip.__version__,
-                     "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})"}
+            "warmup": args.warmup, "p_two": args.p_two, "seed": args.seed,
+            "schedule": "cosine over steps" if args.steps else f"cosine over {args.minutes} min wall time",
+            "minutes": args.minutes, "p_grouped": args.p_grouped,
+            "aux_weight": args.aux_weight, "clip_grad": args.clip_grad, "model_cfg": model_cfg,
+            "grown": bool(args.init and args.grow), "n_uncaptioned": args.n_uncaptioned,
+            "separate_heads": args.separate_heads, "uncaptioned_weight": args.uncaptioned_weight, "shift": dict(sw.DOWNSTREAM_SHIFT),
+            "p_shape_word": args.p_shape_word, "residual_scale": args.residual_scale if not args.init else None,
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
+            if device.type == "cuda" else ""),
+            "probe_curve": curve,
+            "train_seconds": round(train_seconds, 1), "final_loss": round(ema, 4),
+            "threads": args.threads, "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})"}
 
 
 if __name__ == "__main__":
