@@ -9,6 +9,8 @@ from pathlib import Path
 
 from ..bench import DEVICE_DEFAULTS, DTYPES, TRAIN_METHODS, BenchConfig, format_markdown, run_bench
 from ..errors import InputError
+from ..reference_bench import PRECISIONS, ReferenceBenchConfig, format_reference_markdown, resolve_checkouts, \
+    run_reference_bench
 from . import SUMMARIES
 
 
@@ -79,10 +81,64 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", dest="json_out", help="write all measurements as JSON to this file")
     p.add_argument("--markdown", help="write the tables as Markdown to this file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ref = p.add_argument_group(
+        "against the reference implementations",
+        "Any of these runs only the side-by-side comparison with the authors' code (their CoOp and MaPLe "
+        "models built at our backbone's sizes, random init), using --model, --pretrained, --batch, --classes, "
+        "--device, --repeats, --warmup, --json, --markdown and --quiet; see docs/PERFORMANCE.md.")
+    ref.add_argument("--reference", metavar="DIR",
+                     help="a folder holding the checkouts CoOp, Dassl.pytorch and multimodal-prompt-learning")
+    ref.add_argument("--reference-coop", metavar="PATH", help="a checkout of KaiyangZhou/CoOp (needs --reference-dassl)")
+    ref.add_argument("--reference-dassl", metavar="PATH", help="a checkout of KaiyangZhou/Dassl.pytorch")
+    ref.add_argument("--reference-maple", metavar="PATH",
+                     help="a checkout of muzairkhattak/multimodal-prompt-learning (needs --reference-dassl)")
+    ref.add_argument("--reference-precision", default="auto", choices=PRECISIONS,
+                     help="auto (default): fp32 on CPU; on CUDA their fp16 path against our fp16 autocast")
+    ref.add_argument("--reference-maple-depth", type=int, default=ReferenceBenchConfig.maple_depth, metavar="D",
+                     help="MaPLe's PROMPT_DEPTH on both sides (default: 9, their base-to-new config; 3 for their "
+                          "cross-dataset one)")
     p.set_defaults(func=run)
 
 
+def reference_config(args: argparse.Namespace) -> ReferenceBenchConfig | None:
+    """The side-by-side run the arguments ask for, or None when no reference option is given."""
+    paths = (args.reference, args.reference_coop, args.reference_dassl, args.reference_maple)
+    if all(p is None for p in paths):
+        return None
+    if args.dtype != "fp32":
+        raise InputError("--dtype is for the plain bench; against the reference code use --reference-precision")
+    from .common import resolve_device
+
+    checkouts = resolve_checkouts(*paths)
+    device = resolve_device(args.device)
+    batch = args.batch if args.batch is not None else DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]["batch"]
+    return ReferenceBenchConfig(
+        checkouts={k: str(v) for k, v in checkouts.items()}, model=args.model, pretrained=args.pretrained,
+        batch=batch, classes=args.classes, device=str(device), precision=args.reference_precision,
+        repeats=args.repeats, warmup=args.warmup, maple_depth=args.reference_maple_depth,
+    )
+
+
+def _write(path: str | None, content: str) -> None:
+    if not path:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(content, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    reference = reference_config(args)
+    if reference is not None:
+        result = run_reference_bench(reference, log=log, quiet=args.quiet)
+        text = format_reference_markdown(result)
+        print(text)
+        _write(args.json_out, json.dumps(result, indent=2))
+        _write(args.markdown, text + "\n")
+        return 0
     if args.naive_max_chunks < -1:
         raise InputError(f"--naive-max-chunks must be >= 0, got {args.naive_max_chunks}")
     cfg = BenchConfig(
@@ -95,15 +151,9 @@ def run(args: argparse.Namespace) -> int:
         memory_infer_methods=tuple(args.memory_infer), train_memory=not args.no_train_memory,
         parts_methods=tuple(args.parts),
     )
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_bench(cfg, log=log)
     text = format_markdown(result)
     print(text)
-    for path, content in ((args.json_out, json.dumps(result.to_dict(), indent=2)), (args.markdown, text + "\n")):
-        if path:
-            try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).write_text(content, encoding="utf-8")
-            except OSError as exc:
-                raise InputError(f"cannot write {path}: {exc.strerror}") from exc
+    _write(args.json_out, json.dumps(result.to_dict(), indent=2))
+    _write(args.markdown, text + "\n")
     return 0
