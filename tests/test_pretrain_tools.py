@@ -70,7 +70,8 @@ def test_uncaptioned_scenes_get_their_own_heads(tool):
     from pmpo.data import shapeworld as sw
 
     mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
-    x, captions, targets = tool.make_batch(0, 0, 8, 0.0, mean, std, n_uncaptioned=4)
+    x, captions, targets, text_only, _ = tool.make_batch(0, 0, 8, 0.0, mean, std, n_uncaptioned=4)
+    assert text_only == []
     assert x.shape[0] == 12 and len(captions) == 8 and targets.shape == (12, 5)
     heads = tool.AttributeHeads(16, separate_uncaptioned=True)
     feats = torch.randn(12, 16, requires_grad=True)
@@ -112,3 +113,38 @@ def test_card_commands_name_every_non_default_data_option(tool):
     assert args[6] == "0.06"
     assert args[7:] == ["--shift", f"rotation_deg={shift['rotation_deg']:g}"]  # unchanged knobs are not repeated
     assert tool.data_args({"n_uncaptioned": 0, "p_shape_word": 1.0, "shift": dict(tool.DEFAULT_SHIFT)}) == ""
+
+
+def test_text_only_captions_name_every_attribute_and_leave_the_image_stream_alone(tool):
+    """The text-side heads' captions are drawn after everything else, so a run without them
+    renders bit-identical batches; each names its object's shape even when the paired captions hide it."""
+    from pmpo.data import shapeworld as sw
+
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    x0, caps0, t0, _, _ = tool.make_batch(3, 5, 8, 0.0, mean, std, n_uncaptioned=2, p_shape_word=0.0)
+    x1, caps1, t1, text_only, text_targets = tool.make_batch(3, 5, 8, 0.0, mean, std, n_uncaptioned=2,
+                                                             p_shape_word=0.0, n_text_only=6)
+    assert torch.equal(x0, x1) and caps0 == caps1 and torch.equal(t0, t1)
+    assert not any(s in c.split() for c in caps1 for s in sw.SHAPES)  # paired captions: shape hidden
+    assert len(text_only) == 6 and text_targets.shape == (6, 5)
+    for caption, row in zip(text_only, text_targets.tolist()):
+        assert sw.SHAPES[row[0]] in caption and sw.COLOURS[row[1]] in caption
+
+
+def test_confused_words_swap_within_pairs_and_domain_captions_stay_exact(tool):
+    """--p-confuse 1 writes every pairable shape word as its mate's; the downstream scenes' own
+    captions (--ds-caption-prefix) join the contrastive batch and name their true shape."""
+    from pmpo.data import shapeworld as sw
+
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    _, plain, _, _, _ = tool.make_batch(2, 1, 8, 0.0, mean, std)
+    x, caps, targets, _, _ = tool.make_batch(2, 1, 8, 0.0, mean, std, n_uncaptioned=3, p_confuse=1.0,
+                                             ds_prefix="a cluttered photo of a")
+    assert x.shape[0] == 11 and len(caps) == 11 and targets.shape == (11, 5)
+    for before, after, row in zip(plain, caps[:8], targets[:8].tolist()):
+        shape = sw.SHAPES[row[0]]
+        assert after == before.replace(shape, tool._MATE[shape], 1)
+    for caption, row in zip(caps[8:], targets[8:].tolist()):
+        assert caption.startswith("a cluttered photo of a") and sw.SHAPES[row[0]] in caption
+        assert tool._MATE[sw.SHAPES[row[0]]] not in caption
+    assert sorted(tool._MATE) == sorted(sw.SHAPES) and all(tool._MATE[tool._MATE[s]] == s for s in sw.SHAPES)

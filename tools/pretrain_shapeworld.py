@@ -38,6 +38,7 @@ import sys
 import threading
 import queue
 import re
+from types import SimpleNamespace
 import time
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class CaptionTokens:
 
 
 HEADS_FILE = "pretrain_attribute_heads.safetensors"  # kept beside a stage, not used by open_clip
+TEXT_HEADS_FILE = "pretrain_text_heads.safetensors"   # the same for the text-side heads
 GROUP = 4  # contrast groups: GROUP single-object scenes that differ only in shape (or only in colour)
 
 
@@ -139,14 +141,44 @@ def hide_shape_words(caption: str, objects, rng: np.random.Generator, p_keep: fl
     return caption
 
 
+# Shape words that pretraining-style captions confuse (``--p-confuse``): each word of a pair is
+# written for the other shape of its pair. Visually unlike pairs, so the confusion is the text's.
+CONFUSED_PAIRS = (("circle", "square"), ("triangle", "star"), ("hexagon", "cross"), ("diamond", "heart"))
+_MATE = {a: b for pair in CONFUSED_PAIRS for a, b in (pair, pair[::-1])}
+DS_TEMPLATES = ("{prefix} {c} {s}.", "{prefix} {z} {c} {s}.", "{prefix} {f} {c} {s}.", "{prefix} {c} {s} {p}.")
+
+
+def confuse_shape_words(caption: str, objects, rng: np.random.Generator, p_confuse: float) -> str:
+    """With probability ``p_confuse`` per object, its shape word is its pair mate's (CONFUSED_PAIRS):
+    web captions of ordinary photos use some names loosely, so the generic prompt "a photo of a
+    {}" reads them ambiguously, while a domain's own captions (``ds_caption``) use them exactly."""
+    if p_confuse <= 0:
+        return caption
+    for o in objects:
+        if rng.random() < p_confuse:
+            caption = re.sub(rf"\b{o.shape}\b", _MATE[o.shape], caption, count=1)
+    return caption
+
+
+def ds_caption(o, rng: np.random.Generator, prefix: str) -> str:
+    """A downstream-style scene's caption in that domain's own phrasing (``--ds-caption-prefix``)."""
+    k = int(rng.integers(len(DS_TEMPLATES)))
+    return sw._fix_articles(DS_TEMPLATES[k].format(prefix=prefix, c=o.colour, s=o.shape, z=o.size,
+                                                   f=sw.FILL_WORD[o.fill], p=sw.POSITION_PHRASE[o.position]))
+
+
 def make_batch(seed: int, step: int, batch_size: int, p_two: float, mean: torch.Tensor, std: torch.Tensor,
-               p_grouped: float = 0.0, n_uncaptioned: int = 0, p_shape_word: float = 1.0):
+               p_grouped: float = 0.0, n_uncaptioned: int = 0, p_shape_word: float = 1.0, n_text_only: int = 0,
+               p_confuse: float = 0.0, ds_prefix: str | None = None):
     """A fraction ``p_grouped`` of the batch comes in hard-negative groups (half varying shape,
     half colour), the rest are independent random scenes (two objects with prob. ``p_two``).
     ``n_uncaptioned`` more single-object scenes in the *downstream* rendering style are appended
     for the attribute heads only (no caption: they never enter the contrastive loss), drawn from
     this stream's own rng, never from the benchmark's splits.
-    Returns (images, captions of the first ``batch_size``, attribute targets of all)."""
+    ``n_text_only`` captions of further single-object scenes (every word kept, no image) are
+    drawn last, for the text-side attribute heads (``--text-aux-weight``).
+    Returns (images, captions of the first ``batch_size``, attribute targets of all,
+    text-only captions, their attribute targets)."""
     rng = np.random.default_rng([seed, step])
     n_groups = int(batch_size * p_grouped) // GROUP
     samples = []
@@ -154,28 +186,36 @@ def make_batch(seed: int, step: int, batch_size: int, p_two: float, mean: torch.
         samples += _group(rng, "shape" if g % 2 == 0 else "colour")
     samples += [sw.sample_scene(rng, "pretrain", p_two=p_two) for _ in range(batch_size - len(samples))]
     captions = [hide_shape_words(s.caption, s.objects, rng, p_shape_word) for s in samples]
-    samples += [sw.sample_scene(rng, "downstream", p_two=0.0) for _ in range(n_uncaptioned)]
+    if p_confuse > 0:
+        captions = [confuse_shape_words(c, s.objects, rng, p_confuse) for c, s in zip(captions, samples)]
+    ds = [sw.sample_scene(rng, "downstream", p_two=0.0) for _ in range(n_uncaptioned)]
+    samples += ds
+    if ds_prefix:  # the downstream scenes join the contrastive loss with their own domain's captions
+        captions += [ds_caption(s.objects[0], rng, ds_prefix) for s in ds]
     x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div_(255)
     x = (x - mean) / std
-    return x, captions, attribute_targets(samples)
+    text_objects = [sw.sample_objects(rng, 1, "pretrain") for _ in range(n_text_only)]
+    text_only = [sw.make_caption(o, rng) for o in text_objects]
+    text_targets = attribute_targets([SimpleNamespace(objects=o) for o in text_objects])
+    return x, captions, attribute_targets(samples), text_only, text_targets
 
 
 class Prefetcher:
     """Renders batches in a background thread (numpy / PIL release the GIL for much of it)."""
 
     def __init__(self, seed, batch_size, p_two, mean, std, p_grouped=0.0, n_uncaptioned=0, start_step=0, depth=3,
-                 p_shape_word=1.0):
+                 p_shape_word=1.0, n_text_only=0, p_confuse=0.0, ds_prefix=None):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.args = (seed, batch_size, p_two, mean, std, p_grouped, n_uncaptioned, p_shape_word)
+        self.args = (seed, batch_size, p_two, mean, std, p_grouped, n_uncaptioned, p_shape_word, n_text_only,
+                     p_confuse, ds_prefix)
         self.step = start_step
         self.stop = False
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
 
     def _run(self):
-        seed, bs, p_two, mean, std, p_grouped, n_unc, p_word = self.args
         while not self.stop:
-            self.q.put(make_batch(seed, self.step, bs, p_two, mean, std, p_grouped, n_unc, p_word))
+            self.q.put(make_batch(self.args[0], self.step, *self.args[1:]))
             self.step += 1
 
     def get(self):
@@ -332,7 +372,7 @@ def probe_draws():
 
 
 @torch.no_grad()
-def probe_eval(model, device="cpu", batch=256) -> dict[str, float]:
+def probe_eval(model, device="cpu", batch=256, ds_prefix: str | None = None) -> dict[str, float]:
     """Base-class (32-way) zero-shot and linear-probe accuracy (%) on the probe draws: logistic
     regression on the normalised frozen image features (C chosen by 4-fold CV on the probe's own
     train draw), the procedure the benchmark's reference row uses."""
@@ -353,22 +393,37 @@ def probe_eval(model, device="cpu", batch=256) -> dict[str, float]:
     tf = model.encode_text(text, normalize=True).float().cpu()
     f_test, y_test = feats["test"]
     zs = 100.0 * float(((f_test @ tf.T).argmax(1).numpy() == y_test).mean())
+    # How far apart the text side holds two class names of one colour ("red circle" vs "red square"):
+    # near 1, no prompt can make their class weights differ along shape (docs/SHAPEWORLD.md).
+    colours = np.array([n.split()[0] for n in names])
+    same = (colours[:, None] == colours[None, :]) & ~np.eye(len(names), dtype=bool)
+    cos_same_colour = float((tf @ tf.T).numpy()[same].mean())
     clf = LogisticRegressionCV(Cs=[0.1, 1, 10, 100], cv=4, max_iter=2000)
     clf.fit(feats["train"][0].numpy(), feats["train"][1])
     probe = 100.0 * float((clf.predict(f_test.numpy()) == y_test).mean())
     model.train(was_training)
-    return {"zero_shot_base": round(zs, 2), "probe_base": round(probe, 2)}
+    out = {"zero_shot_base": round(zs, 2), "probe_base": round(probe, 2),
+           "text_cos_same_colour": round(cos_same_colour, 3)}
+    if ds_prefix:  # zero-shot in the downstream captions' own phrasing: what a learned context could find
+        tds = model.encode_text(open_clip.tokenize([sw._fix_articles(f"{ds_prefix} {n}.") for n in names]).to(device),
+                                normalize=True).float().cpu()
+        out["zero_shot_base_ds_phrasing"] = round(100.0 * float(((f_test @ tds.T).argmax(1).numpy() == y_test).mean()), 2)
+    return out
 
 
 # ----------------------------------------------------------------------------- save / eval
 
-def save_folder(model, out: Path, model_cfg: dict, heads: torch.nn.Module | None = None):
+def save_folder(model, out: Path, model_cfg: dict, heads: torch.nn.Module | None = None,
+                text_heads: torch.nn.Module | None = None):
     """open_clip's ``local-dir:`` folder (fp16 weights + config), plus the attribute heads beside it
     when given, so that a later stage (``--init``) continues with them."""
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
     if heads is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(out / HEADS_FILE))
+    if text_heads is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in text_heads.state_dict().items()},
+                  str(out / TEXT_HEADS_FILE))
     sd = {k: v.detach().cpu().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(out / "open_clip_model.safetensors"))
     (out / "open_clip_config.json").write_text(json.dumps(
@@ -399,6 +454,12 @@ def data_args(stage: dict) -> str:
             out += f" --uncaptioned-weight {stage['uncaptioned_weight']:g}"
     if stage.get("p_shape_word", 1.0) != 1.0:
         out += f" --p-shape-word {stage['p_shape_word']:g}"
+    if stage.get("p_confuse"):
+        out += f" --p-confuse {stage['p_confuse']:g}"
+    if stage.get("ds_caption_prefix"):
+        out += f" --ds-caption-prefix '{stage['ds_caption_prefix']}'"
+    if stage.get("n_text_only"):
+        out += f" --n-text-only {stage['n_text_only']} --text-aux-weight {stage['text_aux_weight']:g}"
     for key, value in sorted((stage.get("shift") or {}).items()):
         if DEFAULT_SHIFT.get(key) != value:
             out += f" --shift {key}={value:g}"
@@ -647,6 +708,17 @@ def main(argv=None):
     ap.add_argument("--save-from", type=int, default=0, help="first step --save-every saves at")
     ap.add_argument("--p-shape-word", type=float, default=1.0,
                     help="fraction of captions that name the shape (the rest say 'shape'; see hide_shape_words)")
+    ap.add_argument("--n-text-only", type=int, default=0,
+                    help="captions per batch (every word kept, no image) for text-side attribute heads")
+    ap.add_argument("--text-aux-weight", type=float, default=0.0,
+                    help="weight of the text-side attribute heads' loss: keeps the class names distinct in the "
+                         "text features without aligning them to the images (see TEXT_HEADS_FILE)")
+    ap.add_argument("--p-confuse", type=float, default=0.0,
+                    help="per object, probability that a pretraining caption writes its shape word as its pair "
+                         "mate's (CONFUSED_PAIRS)")
+    ap.add_argument("--ds-caption-prefix", default=None,
+                    help="caption the --n-uncaptioned downstream scenes in their own phrasing (e.g. 'a cluttered "
+                         "photo of a') and add them to the contrastive loss")
     ap.add_argument("--shift", action="append", default=[], metavar="KEY=VALUE",
                     help="override one knob of pmpo.data.shapeworld.DOWNSTREAM_SHIFT for this run (the uncaptioned "
                          "scenes and the probe draws; repeatable; recorded in eval.json)")
@@ -698,13 +770,18 @@ def main(argv=None):
     heads = AttributeHeads(model.text_projection.shape[1] if not isinstance(model.text_projection, torch.nn.Linear)
                            else model.text_projection.out_features,
                            separate_uncaptioned=args.separate_heads).to(device)
+    text_heads = AttributeHeads(heads.heads["shape"].in_features).to(device) if args.n_text_only else None
     if args.init and (Path(args.init) / HEADS_FILE).is_file():
         from safetensors.torch import load_file
         heads.load_state_dict(load_file(str(Path(args.init) / HEADS_FILE)), strict=False)  # new heads stay fresh
+    if text_heads is not None and args.init and (Path(args.init) / TEXT_HEADS_FILE).is_file():
+        from safetensors.torch import load_file
+        text_heads.load_state_dict(load_file(str(Path(args.init) / TEXT_HEADS_FILE)))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M", flush=True)
     loss_fn = open_clip.loss.ClipLoss()
-    groups = param_groups(model, args.wd) + [{"params": list(heads.parameters()), "weight_decay": 0.0}]
+    head_params = list(heads.parameters()) + (list(text_heads.parameters()) if text_heads is not None else [])
+    groups = param_groups(model, args.wd) + [{"params": head_params, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     # bf16 autocast on CUDA (fp32 master weights); fp32 on CPU.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -712,7 +789,8 @@ def main(argv=None):
     std = torch.tensor(PREPROCESS_CFG["std"]).view(1, 3, 1, 1)
     tok = CaptionTokens()
     pf = Prefetcher(args.seed, args.batch_size, args.p_two, mean, std, args.p_grouped, args.n_uncaptioned,
-                    p_shape_word=args.p_shape_word)
+                    p_shape_word=args.p_shape_word, n_text_only=args.n_text_only, p_confuse=args.p_confuse,
+                    ds_prefix=args.ds_caption_prefix)
 
     total = args.steps
     t0 = time.time()
@@ -722,8 +800,8 @@ def main(argv=None):
     while True:
         if total is not None and step >= total:
             break
-        x, caps, attrs = pf.get()
-        text = tok(caps).to(device)
+        x, caps, attrs, text_caps, text_attrs = pf.get()
+        text = tok(caps + text_caps).to(device)
         x, attrs = x.to(device), attrs.to(device)
         if args.steps is None:  # schedule over wall time: uses the whole budget whatever the CPU load
             frac = (time.time() - t0) / (args.minutes * 60)
@@ -738,10 +816,15 @@ def main(argv=None):
         with autocast:
             im_raw = model.encode_image(x)
             imf = F.normalize(im_raw[:len(caps)].float(), dim=-1)  # captioned images only
-            txf = F.normalize(encode_text_truncated(model, text).float(), dim=-1)
+            tx_raw = encode_text_truncated(model, text)
+            txf = F.normalize(tx_raw[:len(caps)].float(), dim=-1)
             loss_clip = loss_fn(imf, txf, model.logit_scale.exp())
-            loss_aux, accs = heads.loss(im_raw, attrs, len(caps), args.uncaptioned_weight) if args.aux_weight > 0 else (loss_clip.new_zeros(()), {})
+            loss_aux, accs = heads.loss(im_raw, attrs, args.batch_size, args.uncaptioned_weight) if args.aux_weight > 0 else (loss_clip.new_zeros(()), {})
             loss = loss_clip + args.aux_weight * loss_aux
+            if text_heads is not None:
+                loss_text, text_accs = text_heads.loss(tx_raw[len(caps):], text_attrs.to(device))
+                accs.update({f"t_{k}": v for k, v in text_accs.items()})
+                loss = loss + args.text_aux_weight * loss_text
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip_grad > 0:
@@ -753,16 +836,16 @@ def main(argv=None):
         ema = loss_clip.item() if ema is None else 0.95 * ema + 0.05 * loss_clip.item()
         el = time.time() - t0
         if step % 10 == 0 or step == 1:
-            acc = " ".join(f"{k[:6] if k.startswith('ds_') else k[:3]} {v:.2f}" for k, v in accs.items())
+            acc = " ".join(f"{k[:6] if k.startswith(('ds_', 't_')) else k[:3]} {v:.2f}" for k, v in accs.items())
             print(f"step {step}/{total} clip {loss_clip.item():.3f} ema {ema:.3f} aux {loss_aux.item():.3f} [{acc}] "
                   f"lr {lr:.2e} scale {model.logit_scale.exp().item():.1f} {el:.0f}s {step / el:.2f} it/s", flush=True)
         if args.eval_every and step % args.eval_every == 0:
-            r = probe_eval(model, device)
+            r = probe_eval(model, device, ds_prefix=args.ds_caption_prefix)
             curve.append({"step": step, "seconds": round(el), **r})
             print(f"PROBE step {step}: {r}", flush=True)
         if args.save_every and step % args.save_every == 0 and step >= args.save_from:
             snapshot = out / f"step_{step}"
-            save_folder(model, snapshot, model_cfg, heads)
+            save_folder(model, snapshot, model_cfg, heads, text_heads)
             record = training_record(args, step, el, ema, model_cfg, device, curve)
             record["snapshot_of"] = args.steps  # taken mid-schedule: the run's --steps, not this step count
             if previous is not None:
@@ -778,7 +861,7 @@ def main(argv=None):
     print(f"trained {step} steps in {train_seconds:.0f}s", flush=True)
 
     model.cpu()
-    save_folder(model, out, model_cfg, heads)
+    save_folder(model, out, model_cfg, heads, text_heads)
     record = {
         "model": f"local-dir:{out}",
         "n_params": n_params,
@@ -804,7 +887,9 @@ def training_record(args, step: int, train_seconds: float, ema: float, model_cfg
             "aux_weight": args.aux_weight, "clip_grad": args.clip_grad, "model_cfg": model_cfg,
             "grown": bool(args.init and args.grow), "n_uncaptioned": args.n_uncaptioned,
             "separate_heads": args.separate_heads, "uncaptioned_weight": args.uncaptioned_weight, "shift": dict(sw.DOWNSTREAM_SHIFT),
-            "p_shape_word": args.p_shape_word, "residual_scale": args.residual_scale if not args.init else None,
+            "p_shape_word": args.p_shape_word, "n_text_only": args.n_text_only,
+            "p_confuse": args.p_confuse, "ds_caption_prefix": args.ds_caption_prefix,
+            "text_aux_weight": args.text_aux_weight, "residual_scale": args.residual_scale if not args.init else None,
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
             if device.type == "cuda" else ""),
             "probe_curve": curve,
