@@ -148,3 +148,25 @@ def test_confused_words_swap_within_pairs_and_domain_captions_stay_exact(tool):
         assert caption.startswith("a cluttered photo of a") and sw.SHAPES[row[0]] in caption
         assert tool._MATE[sw.SHAPES[row[0]]] not in caption
     assert sorted(tool._MATE) == sorted(sw.SHAPES) and all(tool._MATE[tool._MATE[s]] == s for s in sw.SHAPES)
+
+
+@pytest.fixture(scope="module")
+def recipe_tool():
+    spec = importlib.util.spec_from_file_location("shapeworld_recipe", REPO / "tools" / "shapeworld_recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_check_refuses_a_shift_without_its_own_root(recipe_tool, capsys):
+    """A changed DOWNSTREAM_SHIFT renders other images: cached ones under the default root would be
+    silently reused, so the tool asks for a fresh root, and names the valid knobs on a typo."""
+    from pmpo.data import shapeworld as sw
+
+    before = dict(sw.DOWNSTREAM_SHIFT)
+    assert recipe_tool.main(["--shift", "rotation_deg=8"]) == 1
+    assert "give a fresh --root" in capsys.readouterr().err
+    assert recipe_tool.main(["--shift", "rotation=8", "--root", "/nonexistent"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key 'rotation'" in err and "rotation_deg" in err
+    assert sw.DOWNSTREAM_SHIFT == before

@@ -142,8 +142,10 @@ def hide_shape_words(caption: str, objects, rng: np.random.Generator, p_keep: fl
 
 
 # Shape words that pretraining-style captions confuse (``--p-confuse``): each word of a pair is
-# written for the other shape of its pair. Visually unlike pairs, so the confusion is the text's.
-CONFUSED_PAIRS = (("circle", "square"), ("triangle", "star"), ("hexagon", "cross"), ("diamond", "heart"))
+# written for the other shape of its pair. Visually unlike pairs, so the confusion is the text's;
+# both shapes of a pair fall in the same half of every colour (red: circle, triangle, hexagon,
+# diamond are base; see ``sw.base_new_split``), so base and new classes both hold confused pairs.
+CONFUSED_PAIRS = (("circle", "triangle"), ("hexagon", "diamond"), ("square", "star"), ("cross", "heart"))
 _MATE = {a: b for pair in CONFUSED_PAIRS for a, b in (pair, pair[::-1])}
 DS_TEMPLATES = ("{prefix} {c} {s}.", "{prefix} {z} {c} {s}.", "{prefix} {f} {c} {s}.", "{prefix} {c} {s} {p}.")
 

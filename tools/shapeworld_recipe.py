@@ -12,6 +12,15 @@ copy it into the sweep file's ``train:`` block.
 
 Selecting on the mean over methods (not on PMPO alone) keeps the choice from favouring the
 method this project is about.
+
+A *candidate offline model* is checked the same way before it replaces the shipped one:
+``--model local-dir:PATH`` trains on it, ``--presets-unchanged`` drops the sweep file's per-method
+depth overrides (they are scaled to the shipped 4-layer towers), ``--shift KEY=VALUE`` renders the
+data with a changed ``DOWNSTREAM_SHIFT`` (use a fresh ``--root``: rendered images are cached there),
+and every row reports the zero-shot val accuracy and the training accuracy beside the method's:
+
+    python tools/shapeworld_recipe.py --model local-dir:/tmp/pt/S2 --presets-unchanged --root /tmp/sw-mild \
+        --shift rotation_deg=8 --shift pos_jitter=0.04 --lr 0.028 --min-crop-scale 0.5 --methods coop kgcoop maple pmpo
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from pmpo.commands.sweep import MethodSpec, Sweep, load_sweep  # noqa: E402
 from pmpo.config import PMPOConfig  # noqa: E402
 from pmpo.data import build_dataset, harmonic_mean, sample_few_shot, subsample_classes  # noqa: E402
 from pmpo.engine import derive_seed, evaluate, load_train_preset, seed_everything, train  # noqa: E402
+from pmpo.data import shapeworld as sw  # noqa: E402
 from pmpo.errors import PMPOError  # noqa: E402
 from pmpo.model import build_model  # noqa: E402
 
@@ -55,13 +65,20 @@ def score_recipes(sweep: Sweep, candidates: Sequence[dict], seed: int, methods: 
     fewshot = sample_few_shot(splits, sweep.shots, seed, cache_dir=None)
     base, new = subsample_classes(fewshot, "base"), subsample_classes(fewshot, "new")
     specs = [m for m in sweep.methods if methods is None or m.name in methods]
-    backbone, rows = None, []
+    backbone, rows, zero_shot = None, [], None
     for candidate, spec in itertools.product(candidates, specs):
         cfg = model_config(sweep, spec)
         if cfg.n_prompts == 0:
             continue  # nothing to train: the recipe cannot matter
         if backbone is None:
             backbone = load_backbone(cfg.model, cfg.pretrained, device=device, quick_gelu=cfg.quick_gelu)
+            zs_model = build_model(PMPOConfig.from_dict({"method": "zeroshot", "model": cfg.model,
+                                                         "pretrained": cfg.pretrained}), device=device, backbone=backbone)
+            zero_shot = {part: evaluate(zs_model, split.val, split.classnames, batch_size=200).accuracy
+                         for part, split in (("base", base), ("new", new))}
+            zero_shot["train"] = evaluate(zs_model, base.train, base.classnames, batch_size=200).accuracy
+            log(f"zero-shot: val base {zero_shot['base']:.2f} new {zero_shot['new']:.2f} "
+                f"train {zero_shot['train']:.2f}")
         train_cfg = load_train_preset(spec.method, sweep.protocol, dataset,
                                       **{**sweep.train, **spec.train, **candidate})
         train_cfg = dataclasses.replace(train_cfg, seed=seed)
@@ -71,11 +88,15 @@ def score_recipes(sweep: Sweep, candidates: Sequence[dict], seed: int, methods: 
         train(model, base.train, base.classnames, train_cfg)
         acc = {part: evaluate(model, split.val, split.classnames, batch_size=train_cfg.eval_batch_size).accuracy
                for part, split in (("base", base), ("new", new))}
+        train_acc = evaluate(model, base.train, base.classnames, batch_size=train_cfg.eval_batch_size).accuracy
         row = {**candidate, "method": spec.name, "val_base": acc["base"], "val_new": acc["new"],
-               "val_hm": harmonic_mean(acc["base"], acc["new"]), "seconds": time.perf_counter() - start}
+               "val_hm": harmonic_mean(acc["base"], acc["new"]), "train_acc": train_acc,
+               "zero_shot_val_base": zero_shot["base"], "zero_shot_val_new": zero_shot["new"],
+               "zero_shot_train_acc": zero_shot["train"], "seconds": time.perf_counter() - start}
         rows.append(row)
         log(f"{json.dumps(candidate)} {spec.name}: val base {acc['base']:.2f} new {acc['new']:.2f} "
-            f"HM {row['val_hm']:.2f} ({row['seconds']:.0f} s)")
+            f"HM {row['val_hm']:.2f}, train {train_acc:.2f} (zero-shot: val base {zero_shot['base']:.2f}, "
+            f"train {zero_shot['train']:.2f}) ({row['seconds']:.0f} s)")
     return rows
 
 
@@ -102,11 +123,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="RandomResizedCrop's lower scale bound (0.08: CoOp's protocol)")
     p.add_argument("--methods", nargs="+", help="sweep method names to score (default: every learnable one)")
     p.add_argument("--json", help="also write the rows and the choice to this file")
+    p.add_argument("--model", help="train on this backbone instead of the sweep's (a candidate offline model)")
+    p.add_argument("--presets-unchanged", action="store_true",
+                   help="drop the sweep's per-method config overrides (depths scaled to the shipped 4-layer model)")
+    p.add_argument("--shift", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one knob of DOWNSTREAM_SHIFT for the rendered data (with a fresh --root)")
     args = p.parse_args(argv)
     try:
+        for item in args.shift:
+            key, _, value = item.partition("=")
+            if key not in sw.DOWNSTREAM_SHIFT:
+                raise PMPOError(f"--shift: unknown key {key!r}; keys: {', '.join(sorted(sw.DOWNSTREAM_SHIFT))}")
+            if not args.root:
+                raise PMPOError("--shift changes the rendered images: give a fresh --root for them")
+            sw.DOWNSTREAM_SHIFT[key] = float(value)
         sweep = load_sweep(args.sweep)
         if args.root:
             sweep.root = args.root
+        if args.model:
+            sweep.model, sweep.pretrained = args.model, "none"
+        if args.presets_unchanged:
+            sweep.methods = [dataclasses.replace(m, config={}) for m in sweep.methods]
         candidates = [{"epochs": e, "lr": lr, "batch_size": b, "min_crop_scale": c}
                       for e, lr, b, c in itertools.product(args.epochs, args.lr, args.batch_size, args.min_crop_scale)]
         rows = score_recipes(sweep, candidates, args.seed, args.methods,
