@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu.sh                 # results in benchmarks/results/gpu-<date>/ (or $OUT if set)
 #   PYTHON=/path/to/python bash benchmarks/gpu.sh
 #   PMPO_BENCH_DEVICE=cpu PMPO_BENCH_MODEL=local-dir:/tmp/tiny bash benchmarks/gpu.sh   # smoke run, no GPU
+#   PMPO_REFERENCE_DIR=~/refs bash benchmarks/gpu.sh   # also the authors' CoOp / MaPLe side by side
 #
 # Installs nothing beyond requirements.txt: uses $PYTHON, else ./.venv, else a python3 that already
 # has torch + open_clip, else creates ./.venv from requirements.txt. Random-init ViT-B/16 (speed does
@@ -71,6 +72,11 @@ step scaling-bf16-b64 80 --dtype bf16 --batch 64 --classes 100 --repeats 5 --war
 # torch.compile: the first calls compile (minutes are possible), so few repeats and a hard limit.
 step compile-bf16-b64 55 --dtype bf16 --batch 64 --repeats 5 --warmup 2 --compile --text-classes "" \
     --no-memory --methods pmpo
+# Against the authors' CoOp and MaPLe (their fp16 path on CUDA), when their checkouts are given:
+# PMPO_REFERENCE_DIR=DIR holding CoOp/, Dassl.pytorch/, multimodal-prompt-learning/ (docs/PERFORMANCE.md).
+if [ -n "${PMPO_REFERENCE_DIR:-}" ]; then
+    step reference-b32 150 --reference "$PMPO_REFERENCE_DIR" --batch 32 --classes 100 --repeats 5 --warmup 2
+fi
 
 echo >> "$OUT_DIR/SUMMARY.md"
 echo "Total wall time: $(( $(date +%s) - START )) s." >> "$OUT_DIR/SUMMARY.md"
