@@ -170,3 +170,16 @@ def test_recipe_check_refuses_a_shift_without_its_own_root(recipe_tool, capsys):
     err = capsys.readouterr().err
     assert "unknown key 'rotation'" in err and "rotation_deg" in err
     assert sw.DOWNSTREAM_SHIFT == before
+
+
+def test_context_leverage_measures_how_much_a_context_moves_the_class_features(tool):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**_cfg(2, 2)).eval()
+    text = open_clip.tokenize(["a photo of a red circle.", "a photo of a blue star."])
+    with torch.no_grad():
+        same = tool.encode_text_truncated(model, text, model.token_embedding(text))
+        assert torch.allclose(same, tool.encode_text_truncated(model, text), atol=1e-6)
+    assert tool.context_leverage(model, text, n_ctx=0) == pytest.approx(1.0, abs=1e-6)  # nothing moved
+    assert tool.context_leverage(model, text) < 0.999  # an untrained tower reads its context positions

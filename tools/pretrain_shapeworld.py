@@ -226,12 +226,13 @@ class Prefetcher:
 
 # ----------------------------------------------------------------------------- model
 
-def encode_text_truncated(model, text: torch.Tensor) -> torch.Tensor:
+def encode_text_truncated(model, text: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
     """Exactly ``model.encode_text`` (causal mask, EOT pooling) on ``text[:, :L]`` with
-    ``L = last EOT position + 1`` over the batch: tokens after the EOT never influence it."""
+    ``L = last EOT position + 1`` over the batch: tokens after the EOT never influence it.
+    ``embeddings`` [B, L, d] replaces the token embeddings (a perturbed prompt, ``context_leverage``)."""
     L = int(text.argmax(dim=-1).max()) + 1
     text = text[:, :L]
-    x = model.token_embedding(text) + model.positional_embedding[:L]
+    x = (model.token_embedding(text) if embeddings is None else embeddings[:, :L]) + model.positional_embedding[:L]
     x = model.transformer(x, attn_mask=model.attn_mask[:L, :L])
     x = model.ln_final(x)
     x = x[torch.arange(x.shape[0]), text.argmax(dim=-1)]
@@ -374,6 +375,27 @@ def probe_draws():
 
 
 @torch.no_grad()
+def context_leverage(model, text: torch.Tensor, n_ctx: int = 4, draws: int = 5) -> float:
+    """Mean cosine between the class-name features of ``text`` ("a photo of a {}.") and the same with
+    the embeddings of its first ``n_ctx`` words moved at random by their own norm: how much a
+    CoOp-style context can change the class weights at all. Near 1, the text tower ignores the
+    context positions and no learned context has leverage (measured: 0.999 on every candidate of
+    docs/SHAPEWORLD.md, whose captions' prefixes carry no image information)."""
+    emb = model.token_embedding(text)
+    ctx = emb[:, 1:1 + n_ctx]
+    scale = ctx.norm(dim=-1).mean() / ctx.shape[-1] ** 0.5
+    f0 = F.normalize(encode_text_truncated(model, text).float(), dim=-1)
+    gen = torch.Generator().manual_seed(0)
+    cos = []
+    for _ in range(draws):
+        moved = emb.clone()
+        moved[:, 1:1 + n_ctx] += torch.randn(ctx.shape, generator=gen).to(emb) * scale
+        f = F.normalize(encode_text_truncated(model, text, moved).float(), dim=-1)
+        cos.append(float((f * f0).sum(-1).mean()))
+    return sum(cos) / len(cos)
+
+
+@torch.no_grad()
 def probe_eval(model, device="cpu", batch=256, ds_prefix: str | None = None) -> dict[str, float]:
     """Base-class (32-way) zero-shot and linear-probe accuracy (%) on the probe draws: logistic
     regression on the normalised frozen image features (C chosen by 4-fold CV on the probe's own
@@ -406,6 +428,7 @@ def probe_eval(model, device="cpu", batch=256, ds_prefix: str | None = None) -> 
     model.train(was_training)
     out = {"zero_shot_base": round(zs, 2), "probe_base": round(probe, 2),
            "text_cos_same_colour": round(cos_same_colour, 3)}
+    out["text_ctx_leverage"] = round(context_leverage(model, text), 3)
     if ds_prefix:  # zero-shot in the downstream captions' own phrasing: what a learned context could find
         tds = model.encode_text(open_clip.tokenize([sw._fix_articles(f"{ds_prefix} {n}.") for n in names]).to(device),
                                 normalize=True).float().cpu()
