@@ -14,12 +14,16 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("pretrain_shapeworld", REPO / "tools" / "pretrain_shapeworld.py")
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return _load_tool("pretrain_shapeworld")
 
 
 def _cfg(vision_layers: int, text_layers: int) -> dict:
@@ -152,10 +156,7 @@ def test_confused_words_swap_within_pairs_and_domain_captions_stay_exact(tool):
 
 @pytest.fixture(scope="module")
 def recipe_tool():
-    spec = importlib.util.spec_from_file_location("shapeworld_recipe", REPO / "tools" / "shapeworld_recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_tool("shapeworld_recipe")
 
 
 def test_recipe_check_refuses_a_shift_without_its_own_root(recipe_tool, capsys):
@@ -183,3 +184,26 @@ def test_context_leverage_measures_how_much_a_context_moves_the_class_features(t
         assert torch.allclose(same, tool.encode_text_truncated(model, text), atol=1e-6)
     assert tool.context_leverage(model, text, n_ctx=0) == pytest.approx(1.0, abs=1e-6)  # nothing moved
     assert tool.context_leverage(model, text) < 0.999  # an untrained tower reads its context positions
+
+
+def test_background_words_describe_the_rendered_scene(tool):
+    """--p-describe-bg 1 captions every single-object pretraining scene with its own background kind,
+    and a '{bg}' domain prefix names each downstream scene's background."""
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    _, caps, targets, _, _ = tool.make_batch(4, 2, 8, 0.0, mean, std, n_uncaptioned=4, p_describe_bg=1.0,
+                                             ds_prefix="a {bg} cluttered photo of a")
+    words = set(tool.BG_WORD.values())
+    for caption in caps[:8]:
+        assert caption.split()[1] in words and caption.split()[2] == "photo"
+    for caption in caps[8:]:
+        assert caption.split()[1] in words and "cluttered photo of" in caption
+    from types import SimpleNamespace
+
+    from pmpo.data import shapeworld as sw
+
+    rng = np.random.default_rng(0)
+    o = sw.sample_objects(rng, 1)[0]
+    scene = SimpleNamespace(objects=[o], background="noise")
+    assert tool.bg_caption(f"a {o.colour} {o.shape}", scene, rng, 1.0) == \
+        sw._fix_articles(f"a grainy photo of a {o.size} {o.colour} {o.shape}.")
+    assert tool.ds_caption(o, rng, "a {bg} cluttered photo of a", "checker").startswith("a checkered cluttered photo of")

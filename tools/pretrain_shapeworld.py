@@ -162,16 +162,35 @@ def confuse_shape_words(caption: str, objects, rng: np.random.Generator, p_confu
     return caption
 
 
-def ds_caption(o, rng: np.random.Generator, prefix: str) -> str:
-    """A downstream-style scene's caption in that domain's own phrasing (``--ds-caption-prefix``)."""
+# How a caption's prefix names the background kind (``--p-describe-bg``, ``{bg}`` in --ds-caption-prefix):
+# prefix words that say something about the image, so the text tower keeps reading the positions a
+# learned context occupies (``context_leverage``).
+BG_WORD = {"plain": "plain", "gradient": "shaded", "noise": "grainy", "checker": "checkered",
+           "stripes": "striped", "blobs": "blotchy"}
+
+
+def ds_caption(o, rng: np.random.Generator, prefix: str, background: str = "plain") -> str:
+    """A downstream-style scene's caption in that domain's own phrasing (``--ds-caption-prefix``;
+    ``{bg}`` in it names the scene's background kind)."""
     k = int(rng.integers(len(DS_TEMPLATES)))
+    prefix = prefix.format(bg=BG_WORD[background])
     return sw._fix_articles(DS_TEMPLATES[k].format(prefix=prefix, c=o.colour, s=o.shape, z=o.size,
                                                    f=sw.FILL_WORD[o.fill], p=sw.POSITION_PHRASE[o.position]))
 
 
+def bg_caption(caption: str, sample, rng: np.random.Generator, p: float) -> str:
+    """With probability ``p``, a single-object pretraining scene is captioned "a {bg} photo of a ..."
+    with its background kind (the shape word as in ``caption``, after hiding / confusing)."""
+    if p <= 0 or len(sample.objects) != 1 or rng.random() >= p:
+        return caption
+    o = sample.objects[0]
+    shape = next((w for w in caption.replace(".", " ").split() if w in sw.SHAPES or w == "shape"), o.shape)
+    return sw._fix_articles(f"a {BG_WORD[sample.background]} photo of a {o.size} {o.colour} {shape}.")
+
+
 def make_batch(seed: int, step: int, batch_size: int, p_two: float, mean: torch.Tensor, std: torch.Tensor,
                p_grouped: float = 0.0, n_uncaptioned: int = 0, p_shape_word: float = 1.0, n_text_only: int = 0,
-               p_confuse: float = 0.0, ds_prefix: str | None = None):
+               p_confuse: float = 0.0, ds_prefix: str | None = None, p_describe_bg: float = 0.0):
     """A fraction ``p_grouped`` of the batch comes in hard-negative groups (half varying shape,
     half colour), the rest are independent random scenes (two objects with prob. ``p_two``).
     ``n_uncaptioned`` more single-object scenes in the *downstream* rendering style are appended
@@ -190,10 +209,12 @@ def make_batch(seed: int, step: int, batch_size: int, p_two: float, mean: torch.
     captions = [hide_shape_words(s.caption, s.objects, rng, p_shape_word) for s in samples]
     if p_confuse > 0:
         captions = [confuse_shape_words(c, s.objects, rng, p_confuse) for c, s in zip(captions, samples)]
+    if p_describe_bg > 0:
+        captions = [bg_caption(c, s, rng, p_describe_bg) for c, s in zip(captions, samples)]
     ds = [sw.sample_scene(rng, "downstream", p_two=0.0) for _ in range(n_uncaptioned)]
     samples += ds
     if ds_prefix:  # the downstream scenes join the contrastive loss with their own domain's captions
-        captions += [ds_caption(s.objects[0], rng, ds_prefix) for s in ds]
+        captions += [ds_caption(s.objects[0], rng, ds_prefix, s.background) for s in ds]
     x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div_(255)
     x = (x - mean) / std
     text_objects = [sw.sample_objects(rng, 1, "pretrain") for _ in range(n_text_only)]
@@ -206,10 +227,10 @@ class Prefetcher:
     """Renders batches in a background thread (numpy / PIL release the GIL for much of it)."""
 
     def __init__(self, seed, batch_size, p_two, mean, std, p_grouped=0.0, n_uncaptioned=0, start_step=0, depth=3,
-                 p_shape_word=1.0, n_text_only=0, p_confuse=0.0, ds_prefix=None):
+                 p_shape_word=1.0, n_text_only=0, p_confuse=0.0, ds_prefix=None, p_describe_bg=0.0):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.args = (seed, batch_size, p_two, mean, std, p_grouped, n_uncaptioned, p_shape_word, n_text_only,
-                     p_confuse, ds_prefix)
+                     p_confuse, ds_prefix, p_describe_bg)
         self.step = start_step
         self.stop = False
         self.t = threading.Thread(target=self._run, daemon=True)
@@ -430,7 +451,7 @@ def probe_eval(model, device="cpu", batch=256, ds_prefix: str | None = None) -> 
            "text_cos_same_colour": round(cos_same_colour, 3)}
     out["text_ctx_leverage"] = round(context_leverage(model, text), 3)
     if ds_prefix:  # zero-shot in the downstream captions' own phrasing: what a learned context could find
-        tds = model.encode_text(open_clip.tokenize([sw._fix_articles(f"{ds_prefix} {n}.") for n in names]).to(device),
+        tds = model.encode_text(open_clip.tokenize([sw._fix_articles(f"{ds_prefix.format(bg='plain')} {n}.") for n in names]).to(device),
                                 normalize=True).float().cpu()
         out["zero_shot_base_ds_phrasing"] = round(100.0 * float(((f_test @ tds.T).argmax(1).numpy() == y_test).mean()), 2)
     return out
@@ -481,6 +502,8 @@ def data_args(stage: dict) -> str:
         out += f" --p-shape-word {stage['p_shape_word']:g}"
     if stage.get("p_confuse"):
         out += f" --p-confuse {stage['p_confuse']:g}"
+    if stage.get("p_describe_bg"):
+        out += f" --p-describe-bg {stage['p_describe_bg']:g}"
     if stage.get("ds_caption_prefix"):
         out += f" --ds-caption-prefix '{stage['ds_caption_prefix']}'"
     if stage.get("n_text_only"):
@@ -744,6 +767,9 @@ def main(argv=None):
     ap.add_argument("--ds-caption-prefix", default=None,
                     help="caption the --n-uncaptioned downstream scenes in their own phrasing (e.g. 'a cluttered "
                          "photo of a') and add them to the contrastive loss")
+    ap.add_argument("--p-describe-bg", type=float, default=0.0,
+                    help="probability that a single-object pretraining scene is captioned 'a {bg} photo of a ...' "
+                         "with its background kind (BG_WORD)")
     ap.add_argument("--shift", action="append", default=[], metavar="KEY=VALUE",
                     help="override one knob of pmpo.data.shapeworld.DOWNSTREAM_SHIFT for this run (the uncaptioned "
                          "scenes and the probe draws; repeatable; recorded in eval.json)")
@@ -815,7 +841,7 @@ def main(argv=None):
     tok = CaptionTokens()
     pf = Prefetcher(args.seed, args.batch_size, args.p_two, mean, std, args.p_grouped, args.n_uncaptioned,
                     p_shape_word=args.p_shape_word, n_text_only=args.n_text_only, p_confuse=args.p_confuse,
-                    ds_prefix=args.ds_caption_prefix)
+                    ds_prefix=args.ds_caption_prefix, p_describe_bg=args.p_describe_bg)
 
     total = args.steps
     t0 = time.time()
@@ -914,6 +940,7 @@ def training_record(args, step: int, train_seconds: float, ema: float, model_cfg
             "separate_heads": args.separate_heads, "uncaptioned_weight": args.uncaptioned_weight, "shift": dict(sw.DOWNSTREAM_SHIFT),
             "p_shape_word": args.p_shape_word, "n_text_only": args.n_text_only,
             "p_confuse": args.p_confuse, "ds_caption_prefix": args.ds_caption_prefix,
+            "p_describe_bg": args.p_describe_bg,
             "text_aux_weight": args.text_aux_weight, "residual_scale": args.residual_scale if not args.init else None,
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
             if device.type == "cuda" else ""),
