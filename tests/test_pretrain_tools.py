@@ -207,3 +207,8 @@ def test_background_words_describe_the_rendered_scene(tool):
     assert tool.bg_caption(f"a {o.colour} {o.shape}", scene, rng, 1.0) == \
         sw._fix_articles(f"a grainy photo of a {o.size} {o.colour} {o.shape}.")
     assert tool.ds_caption(o, rng, "a {bg} cluttered photo of a", "checker").startswith("a checkered cluttered photo of")
+
+
+def test_recipe_check_method_config_needs_key_value(recipe_tool, capsys):
+    assert recipe_tool.main(["--method-config", "ctx_init"]) == 1
+    assert "--method-config expects KEY=VALUE" in capsys.readouterr().err

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -84,6 +86,7 @@ def score_recipes(sweep: Sweep, candidates: Sequence[dict], seed: int, methods: 
         train_cfg = dataclasses.replace(train_cfg, seed=seed)
         seed_everything(derive_seed(seed, -2))  # as run_protocol: the same prompt initialisation
         model = build_model(cfg, device=device, backbone=backbone)
+        ctx0 = model.prompts.ctx.detach().clone() if model.prompts is not None and model.prompts.ctx is not None else None
         start = time.perf_counter()
         train(model, base.train, base.classnames, train_cfg)
         acc = {part: evaluate(model, split.val, split.classnames, batch_size=train_cfg.eval_batch_size).accuracy
@@ -93,10 +96,13 @@ def score_recipes(sweep: Sweep, candidates: Sequence[dict], seed: int, methods: 
                "val_hm": harmonic_mean(acc["base"], acc["new"]), "train_acc": train_acc,
                "zero_shot_val_base": zero_shot["base"], "zero_shot_val_new": zero_shot["new"],
                "zero_shot_train_acc": zero_shot["train"], "seconds": time.perf_counter() - start}
+        if ctx0 is not None:  # how far training moved the text context, relative to its initial norm
+            row["ctx_move"] = float((model.prompts.ctx.detach() - ctx0).norm() / ctx0.norm())
         rows.append(row)
         log(f"{json.dumps(candidate)} {spec.name}: val base {acc['base']:.2f} new {acc['new']:.2f} "
             f"HM {row['val_hm']:.2f}, train {train_acc:.2f} (zero-shot: val base {zero_shot['base']:.2f}, "
-            f"train {zero_shot['train']:.2f}) ({row['seconds']:.0f} s)")
+            f"train {zero_shot['train']:.2f})" + (f", context moved {row['ctx_move']:.2f}× its norm" if ctx0 is not None else "")
+            + f" ({row['seconds']:.0f} s)")
     return rows
 
 
@@ -128,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="drop the sweep's per-method config overrides (depths scaled to the shipped 4-layer model)")
     p.add_argument("--shift", action="append", default=[], metavar="KEY=VALUE",
                    help="override one knob of DOWNSTREAM_SHIFT for the rendered data (with a fresh --root)")
+    p.add_argument("--method-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one model option (YAML value) for every method, e.g. ctx_init='a cluttered photo of' "
+                        "(a diagnostic: never a recipe chosen with knowledge of the test domain)")
     args = p.parse_args(argv)
     try:
         for item in args.shift:
@@ -144,6 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sweep.model, sweep.pretrained = args.model, "none"
         if args.presets_unchanged:
             sweep.methods = [dataclasses.replace(m, config={}) for m in sweep.methods]
+        if args.method_config:
+            extra = {}
+            for item in args.method_config:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise PMPOError(f"--method-config expects KEY=VALUE, got {item!r}")
+                extra[key] = yaml.safe_load(value)
+            sweep.methods = [dataclasses.replace(m, config={**m.config, **extra}) for m in sweep.methods]
         candidates = [{"epochs": e, "lr": lr, "batch_size": b, "min_crop_scale": c}
                       for e, lr, b, c in itertools.product(args.epochs, args.lr, args.batch_size, args.min_crop_scale)]
         rows = score_recipes(sweep, candidates, args.seed, args.methods,
