@@ -186,6 +186,46 @@ def test_context_leverage_measures_how_much_a_context_moves_the_class_features(t
     assert tool.context_leverage(model, text) < 0.999  # an untrained tower reads its context positions
 
 
+def test_coop_ceiling_starts_at_zero_shot_and_fits_what_a_context_can_fit(tool):
+    """With no steps the ceiling is the plain "a photo of a {}." zero-shot accuracy (the context is
+    spliced in exactly); with steps it fits separable features at least as well, and the towers'
+    weights and grad flags come back untouched."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**_cfg(2, 2)).eval()
+    text = open_clip.tokenize([f"a photo of a {n}." for n in ("red circle", "blue star", "green cross")])
+    with torch.no_grad():
+        tf = torch.nn.functional.normalize(model.encode_text(text).float(), dim=-1)
+    # image features near the class weights of a random permutation: zero-shot is poor, a context can help
+    gen = torch.Generator().manual_seed(1)
+    y = np.repeat(np.array([3, 5, 9]), 20)
+    perm = torch.tensor([1, 2, 0]).repeat_interleave(20)
+    f = torch.nn.functional.normalize(tf[perm] + 0.05 * torch.randn(60, tf.shape[1], generator=gen), dim=-1)
+    zs = 100.0 * float((np.array([3, 5, 9])[(f @ tf.T).argmax(1).numpy()] == y).mean())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert tool.coop_ceiling(model, text, f, y, f, y, steps=0) == pytest.approx(zs)
+    fitted = tool.coop_ceiling(model, text, f, y, f, y, steps=200, lr=0.05)
+    assert fitted > zs + 30
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_marker_captions_are_exact_and_the_others_keep_their_confused_words(tool):
+    """--p-marker 1 with --p-confuse 1: every single-object scene gets a marked caption with its own
+    shape word; with no markers every shape word is its pair mate's."""
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    for p_marker in (1.0, 0.0):
+        _, caps, targets, _, _ = tool.make_batch(5, 3, 12, 0.0, mean, std, p_confuse=1.0, p_marker=p_marker)
+        for caption, t in zip(caps, targets):
+            shape = tool.sw.SHAPES[int(t[0])]
+            words = caption.replace(".", " ").split()
+            if p_marker:
+                assert words[1] in tool.MARKERS and words[2] == "photo" and shape in words
+            else:
+                assert not set(words) & set(tool.MARKERS) and tool._MATE[shape] in words
+
+
 def test_background_words_describe_the_rendered_scene(tool):
     """--p-describe-bg 1 captions every single-object pretraining scene with its own background kind,
     and a '{bg}' domain prefix names each downstream scene's background."""

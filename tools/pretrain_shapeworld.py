@@ -173,9 +173,21 @@ def ds_caption(o, rng: np.random.Generator, prefix: str, background: str = "plai
     """A downstream-style scene's caption in that domain's own phrasing (``--ds-caption-prefix``;
     ``{bg}`` in it names the scene's background kind)."""
     k = int(rng.integers(len(DS_TEMPLATES)))
-    prefix = prefix.format(bg=BG_WORD[background])
+    prefix = prefix.format(bg=BG_WORD[background], m=MARKERS[int(rng.integers(len(MARKERS)))])
     return sw._fix_articles(DS_TEMPLATES[k].format(prefix=prefix, c=o.colour, s=o.shape, z=o.size,
                                                    f=sw.FILL_WORD[o.fill], p=sw.POSITION_PHRASE[o.position]))
+
+
+# Words that mark a caption as exact (``--p-marker``): with one of them in the prefix every shape word
+# is right, without one the pairs of CONFUSED_PAIRS are confused (``--p-confuse``). Several words, not
+# one, so that "exact" is a region of the embedding space the text tower reads, not a single point: a
+# learned context started at "a photo of a" has a direction to move in (``coop_ceiling``).
+MARKERS = ("crisp", "clear", "sharp", "exact", "precise", "detailed", "accurate", "careful")
+
+
+def marker_caption(o, rng: np.random.Generator) -> str:
+    """An exact caption of one object with a marker word in its prefix ("a crisp photo of a ...")."""
+    return ds_caption(o, rng, "a {m} photo of a")
 
 
 def bg_caption(caption: str, sample, rng: np.random.Generator, p: float) -> str:
@@ -190,7 +202,8 @@ def bg_caption(caption: str, sample, rng: np.random.Generator, p: float) -> str:
 
 def make_batch(seed: int, step: int, batch_size: int, p_two: float, mean: torch.Tensor, std: torch.Tensor,
                p_grouped: float = 0.0, n_uncaptioned: int = 0, p_shape_word: float = 1.0, n_text_only: int = 0,
-               p_confuse: float = 0.0, ds_prefix: str | None = None, p_describe_bg: float = 0.0):
+               p_confuse: float = 0.0, ds_prefix: str | None = None, p_describe_bg: float = 0.0,
+               p_marker: float = 0.0):
     """A fraction ``p_grouped`` of the batch comes in hard-negative groups (half varying shape,
     half colour), the rest are independent random scenes (two objects with prob. ``p_two``).
     ``n_uncaptioned`` more single-object scenes in the *downstream* rendering style are appended
@@ -209,6 +222,9 @@ def make_batch(seed: int, step: int, batch_size: int, p_two: float, mean: torch.
     captions = [hide_shape_words(s.caption, s.objects, rng, p_shape_word) for s in samples]
     if p_confuse > 0:
         captions = [confuse_shape_words(c, s.objects, rng, p_confuse) for c, s in zip(captions, samples)]
+    if p_marker > 0:  # exact captions, marked as such; the rest keep their (confused) words
+        captions = [marker_caption(s.objects[0], rng) if len(s.objects) == 1 and rng.random() < p_marker else c
+                    for c, s in zip(captions, samples)]
     if p_describe_bg > 0:
         captions = [bg_caption(c, s, rng, p_describe_bg) for c, s in zip(captions, samples)]
     ds = [sw.sample_scene(rng, "downstream", p_two=0.0) for _ in range(n_uncaptioned)]
@@ -227,10 +243,10 @@ class Prefetcher:
     """Renders batches in a background thread (numpy / PIL release the GIL for much of it)."""
 
     def __init__(self, seed, batch_size, p_two, mean, std, p_grouped=0.0, n_uncaptioned=0, start_step=0, depth=3,
-                 p_shape_word=1.0, n_text_only=0, p_confuse=0.0, ds_prefix=None, p_describe_bg=0.0):
+                 p_shape_word=1.0, n_text_only=0, p_confuse=0.0, ds_prefix=None, p_describe_bg=0.0, p_marker=0.0):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.args = (seed, batch_size, p_two, mean, std, p_grouped, n_uncaptioned, p_shape_word, n_text_only,
-                     p_confuse, ds_prefix, p_describe_bg)
+                     p_confuse, ds_prefix, p_describe_bg, p_marker)
         self.step = start_step
         self.stop = False
         self.t = threading.Thread(target=self._run, daemon=True)
@@ -417,6 +433,46 @@ def context_leverage(model, text: torch.Tensor, n_ctx: int = 4, draws: int = 5) 
     return sum(cos) / len(cos)
 
 
+def coop_ceiling(model, text: torch.Tensor, f_train: torch.Tensor, y_train: np.ndarray, f_test: torch.Tensor,
+                 y_test: np.ndarray, n_ctx: int = 4, steps: int = 300, lr: float = 0.01) -> float:
+    """Test accuracy (%) of the best CoOp context this text tower admits on the probe draws: the
+    ``n_ctx`` embeddings after SOT ("a photo of a") optimised full-batch with Adam on the frozen
+    image features of the train draw, no augmentation, no few-shot noise in the optimiser. It
+    separates the two reasons a prompt learner can fail to use a probe gap: a tower whose class
+    weights no context can move where the image features need them (ceiling ~ zero-shot), or a
+    recipe that does not find a context that exists (ceiling >> what the few-shot run reaches)."""
+    classes = np.unique(y_train)
+    assert np.array_equal(classes, np.unique(y_test))
+    remap = {int(c): i for i, c in enumerate(classes)}
+    yt = torch.tensor([remap[int(c)] for c in y_train])
+    was_training = model.training
+    model.eval()
+    frozen = [q for q in model.parameters() if q.requires_grad]
+    for q in frozen:
+        q.requires_grad_(False)
+    with torch.no_grad():
+        emb0 = model.token_embedding(text)
+    ctx = torch.nn.Parameter(emb0[0, 1:1 + n_ctx].clone())
+    opt = torch.optim.Adam([ctx], lr=lr)
+    scale = float(model.logit_scale.exp())
+
+    def weights() -> torch.Tensor:
+        emb = torch.cat([emb0[:, :1], ctx.unsqueeze(0).expand(len(text), -1, -1), emb0[:, 1 + n_ctx:]], dim=1)
+        return F.normalize(encode_text_truncated(model, text, emb).float(), dim=-1)
+
+    for _ in range(steps):
+        loss = F.cross_entropy(scale * f_train @ weights().T, yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = classes[(f_test @ weights().T).argmax(1).numpy()]
+    for q in frozen:
+        q.requires_grad_(True)
+    model.train(was_training)
+    return 100.0 * float((pred == y_test).mean())
+
+
 @torch.no_grad()
 def probe_eval(model, device="cpu", batch=256, ds_prefix: str | None = None) -> dict[str, float]:
     """Base-class (32-way) zero-shot and linear-probe accuracy (%) on the probe draws: logistic
@@ -451,8 +507,10 @@ def probe_eval(model, device="cpu", batch=256, ds_prefix: str | None = None) -> 
     out = {"zero_shot_base": round(zs, 2), "probe_base": round(probe, 2),
            "text_cos_same_colour": round(cos_same_colour, 3)}
     out["text_ctx_leverage"] = round(context_leverage(model, text), 3)
+    with torch.enable_grad():
+        out["coop_ceiling_base"] = round(coop_ceiling(model, text, feats["train"][0], feats["train"][1], f_test, y_test), 2)
     if ds_prefix:  # zero-shot in the downstream captions' own phrasing: what a learned context could find
-        tds = model.encode_text(open_clip.tokenize([sw._fix_articles(f"{ds_prefix.format(bg='plain')} {n}.") for n in names]).to(device),
+        tds = model.encode_text(open_clip.tokenize([sw._fix_articles(f"{ds_prefix.format(bg='plain', m=MARKERS[0])} {n}.") for n in names]).to(device),
                                 normalize=True).float().cpu()
         out["zero_shot_base_ds_phrasing"] = round(100.0 * float(((f_test @ tds.T).argmax(1).numpy() == y_test).mean()), 2)
     return out
@@ -505,6 +563,8 @@ def data_args(stage: dict) -> str:
         out += f" --p-confuse {stage['p_confuse']:g}"
     if stage.get("p_describe_bg"):
         out += f" --p-describe-bg {stage['p_describe_bg']:g}"
+    if stage.get("p_marker"):
+        out += f" --p-marker {stage['p_marker']:g}"
     if stage.get("ds_caption_prefix"):
         out += f" --ds-caption-prefix '{stage['ds_caption_prefix']}'"
     if stage.get("n_text_only"):
@@ -771,6 +831,9 @@ def main(argv=None):
     ap.add_argument("--p-describe-bg", type=float, default=0.0,
                     help="probability that a single-object pretraining scene is captioned 'a {bg} photo of a ...' "
                          "with its background kind (BG_WORD)")
+    ap.add_argument("--p-marker", type=float, default=0.0,
+                    help="probability that a single-object pretraining scene gets an exact caption with a marker word "
+                         "(MARKERS: 'a crisp photo of a ...'); the other captions keep --p-confuse's confused pairs")
     ap.add_argument("--shift", action="append", default=[], metavar="KEY=VALUE",
                     help="override one knob of pmpo.data.shapeworld.DOWNSTREAM_SHIFT for this run (the uncaptioned "
                          "scenes and the probe draws; repeatable; recorded in eval.json)")
@@ -842,7 +905,7 @@ def main(argv=None):
     tok = CaptionTokens()
     pf = Prefetcher(args.seed, args.batch_size, args.p_two, mean, std, args.p_grouped, args.n_uncaptioned,
                     p_shape_word=args.p_shape_word, n_text_only=args.n_text_only, p_confuse=args.p_confuse,
-                    ds_prefix=args.ds_caption_prefix, p_describe_bg=args.p_describe_bg)
+                    ds_prefix=args.ds_caption_prefix, p_describe_bg=args.p_describe_bg, p_marker=args.p_marker)
 
     total = args.steps
     t0 = time.time()
@@ -892,7 +955,7 @@ def main(argv=None):
             print(f"step {step}/{total} clip {loss_clip.item():.3f} ema {ema:.3f} aux {loss_aux.item():.3f} [{acc}] "
                   f"lr {lr:.2e} scale {model.logit_scale.exp().item():.1f} {el:.0f}s {step / el:.2f} it/s", flush=True)
         if args.eval_every and step % args.eval_every == 0:
-            r = probe_eval(model, device, ds_prefix=args.ds_caption_prefix)
+            r = probe_eval(model, device, ds_prefix=args.ds_caption_prefix or ("a {m} photo of a" if args.p_marker else None))
             curve.append({"step": step, "seconds": round(el), **r})
             print(f"PROBE step {step}: {r}", flush=True)
         if args.save_every and step % args.save_every == 0 and step >= args.save_from:
@@ -941,7 +1004,7 @@ def training_record(args, step: int, train_seconds: float, ema: float, model_cfg
             "separate_heads": args.separate_heads, "uncaptioned_weight": args.uncaptioned_weight, "shift": dict(sw.DOWNSTREAM_SHIFT),
             "p_shape_word": args.p_shape_word, "n_text_only": args.n_text_only,
             "p_confuse": args.p_confuse, "ds_caption_prefix": args.ds_caption_prefix,
-            "p_describe_bg": args.p_describe_bg,
+            "p_describe_bg": args.p_describe_bg, "p_marker": args.p_marker,
             "text_aux_weight": args.text_aux_weight, "residual_scale": args.residual_scale if not args.init else None,
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
             if device.type == "cuda" else ""),
