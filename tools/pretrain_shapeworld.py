@@ -185,11 +185,12 @@ def ds_caption(o, rng: np.random.Generator, prefix: str, background: str = "plai
 # one, so that "exact" is a region of the embedding space the text tower reads, not a single point: a
 # learned context started at "a photo of a" has a direction to move in (``coop_ceiling``).
 MARKERS = ("crisp", "clear", "sharp", "exact", "precise", "detailed", "accurate", "careful")
+MARKER_PREFIX = "a {m} photo of a"  # the marked phrasing; ``probe_eval`` reads it with MARKERS[0]
 
 
 def marker_caption(o, rng: np.random.Generator) -> str:
     """An exact caption of one object with a marker word in its prefix ("a crisp photo of a ...")."""
-    return ds_caption(o, rng, "a {m} photo of a")
+    return ds_caption(o, rng, MARKER_PREFIX)
 
 
 def bg_caption(caption: str, sample, rng: np.random.Generator, p: float) -> str:
@@ -463,16 +464,18 @@ def coop_ceiling(model, text: torch.Tensor, f_train: torch.Tensor, y_train: np.n
         emb = torch.cat([emb0[:, :1], ctx.unsqueeze(0).expand(len(text), -1, -1), emb0[:, 1 + n_ctx:]], dim=1)
         return F.normalize(encode_text_truncated(model, text, emb).float(), dim=-1)
 
-    for _ in range(steps):
-        loss = F.cross_entropy(scale * f_train @ weights().T, yt)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        pred = classes[(f_test @ weights().T).argmax(1).numpy()]
-    for q in frozen:
-        q.requires_grad_(True)
-    model.train(was_training)
+    try:
+        for _ in range(steps):
+            loss = F.cross_entropy(scale * f_train @ weights().T, yt)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            pred = classes[(f_test @ weights().T).argmax(1).numpy()]
+    finally:
+        for q in frozen:
+            q.requires_grad_(True)
+        model.train(was_training)
     return 100.0 * float((pred == y_test).mean())
 
 
@@ -704,8 +707,8 @@ def write_card(out: Path, record: dict, res: dict):
         "The same numbers are in `eval.json` (a test recomputes them).",
         "",
     ]
+    last = next((c for c in reversed(stages[-1].get("probe_curve", [])) if c["step"] <= stages[-1]["steps"]), None)
     if stages[-1].get("p_marker"):
-        last = next((c for c in reversed(stages[-1].get("probe_curve", [])) if c["step"] <= stages[-1]["steps"]), None)
         lines += [
             "**The plain prompt reads some shape names wrong, by design.** In unmarked captions the shape words of",
             "some pairs name the pair's other shape; only captions with a marker word (\"a crisp photo of a ...\")",
@@ -719,7 +722,6 @@ def write_card(out: Path, record: dict, res: dict):
             "",
         ]
     elif any(t.get("p_shape_word", 1.0) < 1.0 for t in stages):
-        last = next((c for c in reversed(stages[-1].get("probe_curve", [])) if c["step"] <= stages[-1]["steps"]), None)
         lines += [
             "**Zero-shot is weak on shape by design.** The captions rarely name the shape (see Training), as web",
             "captions rarely name what a fine-grained benchmark asks for, while the attribute heads keep shape in",
@@ -987,7 +989,7 @@ def main(argv=None):
             print(f"step {step}/{total} clip {loss_clip.item():.3f} ema {ema:.3f} aux {loss_aux.item():.3f} [{acc}] "
                   f"lr {lr:.2e} scale {model.logit_scale.exp().item():.1f} {el:.0f}s {step / el:.2f} it/s", flush=True)
         if args.eval_every and step % args.eval_every == 0:
-            r = probe_eval(model, device, ds_prefix=args.ds_caption_prefix or ("a {m} photo of a" if args.p_marker else None))
+            r = probe_eval(model, device, ds_prefix=args.ds_caption_prefix or (MARKER_PREFIX if args.p_marker else None))
             curve.append({"step": step, "seconds": round(el), **r})
             print(f"PROBE step {step}: {r}", flush=True)
         if args.save_every and step % args.save_every == 0 and step >= args.save_from:
