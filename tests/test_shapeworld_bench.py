@@ -76,7 +76,7 @@ def _sweep_models(path: Path, backbone):
     for spec in sweep.methods:
         cfg = PMPOConfig.from_dict({"method": spec.method, **spec.config, "model": sweep.model,
                                     "pretrained": sweep.pretrained})
-        model = build_model(cfg, backbone=backbone)  # fails if a preset does not fit the 4-layer tower
+        model = build_model(cfg, backbone=backbone)  # fails if a preset does not fit the tower
         train = load_train_preset(spec.method, sweep.protocol, sweep.datasets[0], **{**sweep.train, **spec.train})
         built[spec.name] = (model, train)
     return sweep, built
@@ -97,13 +97,17 @@ def test_benchmark_sweep_runs_every_method_with_one_recipe(shipped_backbone):
     assert all(r == recipes["pmpo"] for r in recipes.values()), recipes
     promptsrc_train = built["promptsrc"][1]
     assert (promptsrc_train.gpa_mean, promptsrc_train.gpa_std) == (4, 1) and promptsrc_train.gpa_mean < promptsrc_train.epochs
-    for name in ("promptsrc", "ivlp"):  # deep text prompts in every layer of this 3-layer text tower
-        assert built[name][0].prompts.text_depth == built[name][0].text.n_layers
-    assert built["promptsrc"][0].prompts.segments == [(0, 2)]
+    # The shipped tower is as deep as ViT-B/16 (12 + 12 layers), so every preset runs unchanged.
+    assert [m.name for m in sweep.methods if m.config] == []
+    assert sweep.train["min_crop_scale"] == 1.0  # no random crop: chosen on val (the sweep file says why)
+    pmpo_model = built["pmpo"][0]
+    assert pmpo_model.vision.n_layers == 12 and pmpo_model.text.n_layers == 12
     assert built["zeroshot"][0].num_learnable() == 0
     maple = built["maple"][0].prompts
-    assert maple.text_depth == built["maple"][0].text.n_layers and maple.segments == [(0, 2)]
-    assert len(built["pmpo"][0].prompts.segments) == 4
+    assert maple.text_depth == 9 and maple.segments == [(0, 8)]  # MaPLe's J = 9 of 12, as on ViT-B/16
+    assert built["ivlp"][0].prompts.text_depth == 12
+    assert built["promptsrc"][0].prompts.text_depth == 9
+    assert pmpo_model.prompts.segments == [(0, 2), (3, 5), (6, 8), (9, 11)]
 
 
 def test_ablation_sweep_varies_one_factor_from_the_benchmark_pmpo(shipped_backbone):
@@ -125,7 +129,9 @@ def test_ablation_sweep_varies_one_factor_from_the_benchmark_pmpo(shipped_backbo
     assert sorted(diffs.pop("pmpo-src")) == sorted(src)
     assert built["pmpo-src"][1].gpa_mean == 4  # with its prompt aggregation, as the promptsrc row
     varied = sorted((k, json.dumps(v)) for d in diffs.values() for k, v in d.items())
-    assert varied == sorted([("n_prompts", "1"), ("n_prompts", "2"), ("partition", '"all"'), ("alpha", "0.0")])
+    assert varied == sorted([("n_prompts", "1"), ("n_prompts", "2"), ("n_prompts", "6"), ("partition", '"all"'),
+                             ("partition", '"first-half"'), ("partition", '"second-half"'), ("alpha", "0.0"),
+                             ("visual_pass", '"per_prompt"')])
     assert all(len(d) <= 1 for d in diffs.values())  # one factor at a time
 
 
@@ -248,40 +254,34 @@ def test_cli_falls_back_to_the_shipped_model_when_the_default_cannot_load(no_net
 
 # ----------------------------------------------------------------------------- it learns
 
-LEARN_SHOTS = 4
-LEARN_TEST_PER_CLASS = 10
-LEARN_RECIPE = dict(epochs=4, batch_size=32, optimizer="adamw", lr=0.01, weight_decay=0.0, warmup_epochs=0,
-                    num_workers=0, seed=1)
-# Known failure, kept strict so that it turns red the day it passes (then drop the marker).
-# Measured with the retrained offline model (eval.json downstream HM 37.5): zero-shot base/new
-# 38.75/31.56 on this subset; PMPO after this recipe 35.94/31.87 (with 8 shots: 31.56/25.94).
-# On ShapeWorld, prompt training through the engine does not beat zero-shot; with CoOp's train
-# crop (RandomResizedCrop, scale 0.08-1, which often cuts the one small object out of a 64-px
-# scene) it falls below it (docs/SHAPEWORLD.md, "What the numbers say").
-
-
-@pytest.mark.xfail(strict=True, reason="prompt training does not beat zero-shot on ShapeWorld with the shipped model "
-                                       "and CoOp's augmentation (docs/SHAPEWORLD.md)")
+# Known failure, kept strict so that it turns red the day it passes (then drop the marker). With the
+# 12-layer offline model and the benchmark's recipe (chosen on val, where PMPO gained +11.7 base
+# points), the benchmark's seed-1 PMPO run reaches base 66.0 against zero-shot's 57.9 on test: +8.1,
+# short of +10 (new 62.0 vs 52.6). The recipe is not tuned further on this test: the next step is a
+# recipe search on val with more epochs (docs/SHAPEWORLD.md, "What the numbers say").
+@pytest.mark.xfail(strict=True, reason="PMPO gains +8 base points over zero-shot on ShapeWorld with the benchmark's "
+                                       "val-chosen recipe, short of +10 (docs/SHAPEWORLD.md)")
 def test_pmpo_learns_base_classes_and_keeps_new_ones(shipped_backbone, tmp_path):
-    """After a few epochs on 4 shots of the 32 base classes, PMPO must beat zero-shot CLIP by
-    10 points on base classes and stay within 10 points of it on the unseen new classes
-    (fixed test subset: 10 images per class)."""
+    """The benchmark's PMPO run of seed 1 (its 16 shots of the 32 base classes and the sweep file's
+    recipe, chosen on val) must beat zero-shot CLIP by 10 points on the base classes' test split
+    and stay within 10 points of it on the unseen new classes. The recipe is read from the sweep
+    file, so the test checks the benchmark's claim, not a recipe of its own."""
     from pmpo.engine import TrainConfig, evaluate, train
 
-    splits = sw.build_shapeworld_splits(tmp_path, n_train_per_class=LEARN_SHOTS, n_val_per_class=0,
-                                        n_test_per_class=LEARN_TEST_PER_CLASS)
-    fewshot = sample_few_shot(splits, LEARN_SHOTS, seed=1)
+    sweep = yaml_load(SWEEP)
+    fewshot = sample_few_shot(build_dataset("shapeworld", tmp_path), sweep["shots"], seed=1)
     base, new = subsample_classes(fewshot, "base"), subsample_classes(fewshot, "new")
 
     def accuracy(model):
-        return {part: evaluate(model, s.test, s.classnames, batch_size=320).accuracy
+        return {part: evaluate(model, s.test, s.classnames, batch_size=400).accuracy
                 for part, s in (("base", base), ("new", new))}
 
     zero_shot = accuracy(build_model(PMPOConfig(method="zeroshot", model=OFFLINE_MODEL), backbone=shipped_backbone))
     torch.manual_seed(0)
     model = build_model(PMPOConfig(method="pmpo", model=OFFLINE_MODEL), backbone=shipped_backbone)
-    history = train(model, base.train, base.classnames, TrainConfig(**LEARN_RECIPE)).history
-    assert len(history) == LEARN_RECIPE["epochs"]
+    recipe = TrainConfig(**{**sweep["train"], "seed": 1})
+    history = train(model, base.train, base.classnames, recipe).history
+    assert len(history) == recipe.epochs
     learned = accuracy(model)
     assert learned["base"] >= zero_shot["base"] + 10, (learned, zero_shot)
     assert learned["new"] >= zero_shot["new"] - 10, (learned, zero_shot)

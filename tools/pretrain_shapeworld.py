@@ -797,7 +797,9 @@ def write_card(out: Path, record: dict, res: dict):
         "",
         f"Schedule of the shipped run: {tr.get('schedule', 'cosine over steps')}. Without `--steps` the script",
         "lays the cosine over `--minutes` of wall time instead, so the step count then depends on how busy",
-        "the CPU is (this run shared 2 cores with other jobs). The model is not bit-reproducible on CPU.",
+        "the CPU is. With `--steps` every stage is seeded: rerunning the commands on another 2-core CPU",
+        "gave the same probe numbers at every evaluation step (docs/SHAPEWORLD.md); other hardware or",
+        "library versions may round differently.",
         "",
     ]
     (out / "MODEL_CARD.md").write_text("\n".join(lines))

@@ -89,13 +89,18 @@ _PAIRS = (("left", "right"), ("top", "bottom"))
 # validation draw (generate_eval_set(seed=999, n_per_class=6)), never on the test split of
 # build_shapeworld_splits nor on the reported seed-1234 set.  The stronger first setting
 # (p_textured_bg 0.7, bg_saturation 0.75, up to 4 distractors, noise 14, rotation 30,
-# colour jitter 35) pushed the small model close to colour-only guessing.
+# colour jitter 35) pushed the small model close to colour-only guessing.  The 12-layer model
+# (docs/SHAPEWORLD.md, "Swapped names, marker words and a context ceiling") is pretrained and
+# checked under a milder geometry (rotation 20 -> 8 degrees, position jitter 0.10 -> 0.04): with
+# the old geometry a supervised 2-layer ViT fed 154 k labelled downstream renders stayed at
+# chance on shape (tools/shape_legibility.py; backgrounds, distractors and noise are not what
+# hides it).  Measured on fresh renders, never on a test split.
 DOWNSTREAM_SHIFT: dict[str, float] = {
     "p_textured_bg": 0.4,       # else a plain random colour
     "bg_saturation": 0.4,       # max saturation of background colours (0..1)
     "n_distractors_max": 2,     # grey distractor shapes (0..max)
-    "rotation_deg": 20.0,       # +- rotation of the main object
-    "pos_jitter": 0.10,         # +- fraction of side
+    "rotation_deg": 8.0,        # +- rotation of the main object
+    "pos_jitter": 0.04,         # +- fraction of side
     "size_jitter": 0.25,        # relative radius jitter
     "colour_jitter": 20.0,      # +- per channel on the object colour
     "noise_sigma": 8.0,         # gaussian pixel noise (max, uniform in [0.3, 1] x)
