@@ -423,12 +423,12 @@ def test_holdout_keeps_one_in_four_per_class_and_never_a_lone_image(tmp_path):
 
 
 def test_example_training_set_is_labelled_by_file_name(tmp_path):
-    from pmpo.app.state import EXAMPLE_CLASSES, EXAMPLE_TRAIN_PER_CLASS, example_training_images
+    from pmpo.app.state import EXAMPLE_TRAIN_PER_CLASS, TRAIN_EXAMPLE_CLASSES, example_training_images
 
     paths = example_training_images(tmp_path)
-    assert len(paths) == len(EXAMPLE_CLASSES) * EXAMPLE_TRAIN_PER_CLASS and all(Path(p).is_file() for p in paths)
+    assert len(paths) == len(TRAIN_EXAMPLE_CLASSES) * EXAMPLE_TRAIN_PER_CLASS and all(Path(p).is_file() for p in paths)
     items, names = train_tab.items_from_table(paths, None)
-    assert sorted(names) == sorted(EXAMPLE_CLASSES)
+    assert sorted(names) == sorted(TRAIN_EXAMPLE_CLASSES)
     assert example_training_images(tmp_path) == paths  # cached renders are reused
 
 
@@ -504,6 +504,25 @@ def test_offline_model_classifies_examples(tmp_path):
     top = scores.probs["zero-shot CLIP"].argmax(-1)
     correct = sum(int(top[i]) == i for i in range(len(paths)))
     assert correct >= len(paths) // 2, f"zero-shot got {correct}/{len(paths)} example images right"
+
+
+@pytest.mark.skipif(not app_state.offline_model_present(), reason="pmpo/checkpoints/shapeworld-clip is not in this copy yet")
+def test_example_training_set_trains_to_a_visible_held_out_gain(tmp_path):
+    """What a visitor sees on the Train tab with the example images and the slider's default
+    epochs: trained prompts beat zero-shot CLIP on the held-out images by a visible margin, and
+    the offline model trains on full images (no random crop), as the benchmark does."""
+    st = open_state(app_state.OFFLINE_MODEL, None, device="cpu", cache_dir=tmp_path / "cache",
+                    checkpoint_dir=tmp_path / "checkpoints")
+    epochs = train_tab.default_epochs(st.default_spec)
+    assert epochs == train_tab.OFFLINE_EPOCHS
+    assert train_tab.train_config(epochs, 48, random_crop=False).min_crop_scale == 1.0
+    assert train_tab.train_config(epochs, 48).min_crop_scale < 1.0  # other backbones keep CoOp's crop
+    items, names = train_tab.items_from_table(app_state.example_training_images(tmp_path / "examples"), None)
+    final = list(train_tab.run_training(st, st.default_spec, "pmpo", epochs, items, names, threading.Event(),
+                                        poll_s=0.2))[-1]
+    assert final.done and not final.error, final.status
+    assert final.heldout["n"] == len(names) * 2
+    assert final.heldout["trained"] >= final.heldout["zero_shot"] + 25, final.heldout
 
 
 

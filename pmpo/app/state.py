@@ -533,9 +533,16 @@ def example_images(folder: str | Path, classes: list[str] = EXAMPLE_CLASSES, see
 
 
 EXAMPLE_TRAIN_PER_CLASS = 8
+# The Train tab's example task: two colours of the two shape pairs whose names the offline model's
+# plain prompt reads swapped (its unmarked pretraining captions swapped them; MODEL_CARD.md), so
+# "a photo of a red circle." points at red triangles. The image features tell the shapes apart,
+# so a learned prompt can close the gap: the situation of real CLIP on a domain whose names its
+# captions used differently. Eight one-colour-apart classes would leave nothing to learn.
+TRAIN_EXAMPLE_CLASSES = ["red circle", "red triangle", "blue circle", "blue triangle",
+                         "green hexagon", "green diamond", "yellow hexagon", "yellow diamond"]
 
 
-def example_training_images(folder: str | Path, classes: list[str] = EXAMPLE_CLASSES,
+def example_training_images(folder: str | Path, classes: list[str] = TRAIN_EXAMPLE_CLASSES,
                             per_class: int = EXAMPLE_TRAIN_PER_CLASS, seed: int = 11) -> list[str]:
     """``per_class`` downstream-style ShapeWorld renders per class, named ``<colour>_<shape>_<i>.png``
     so the Train tab reads their labels from the file names: a ready few-shot task for the offline
@@ -572,6 +579,7 @@ def label_from_filename(path: str, classnames: list[str]) -> str | None:
 
 
 __all__ = [
-    "AppState", "BackboneSpec", "LoadedModel", "LRU", "UNTRAINED", "EXAMPLE_CLASSES", "example_masks", "HOW_TO_LOAD",
+    "AppState", "BackboneSpec", "LoadedModel", "LRU", "UNTRAINED", "EXAMPLE_CLASSES", "TRAIN_EXAMPLE_CLASSES",
+    "example_masks", "HOW_TO_LOAD",
     "example_images", "example_training_images", "label_from_filename", "open_state", "offline_model_present",
 ]

@@ -25,8 +25,8 @@ from . import classify as classify_tab
 from . import embeddings as embeddings_tab
 from . import train as train_tab
 from .inputs import as_list, display_name, file_path, load_images, parse_classes, parse_templates
-from .state import (EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images, example_masks,
-                    example_training_images)
+from .state import (EXAMPLE_CLASSES, TRAIN_EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images,
+                    example_masks, example_training_images)
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +296,12 @@ def build_demo(state: AppState) -> gr.Blocks:
                         gr.Markdown("One image in four of every class is **held out** before training; the result "
                                     "compares zero-shot CLIP with the trained prompts on those images only.")
                         train_examples_btn = gr.Button(
-                            f"Use example training images (ShapeWorld, {len(EXAMPLE_CLASSES)} classes × "
-                            f"{len(train_examples) // len(EXAMPLE_CLASSES)})", size="sm", elem_id="train-examples-btn")
+                            f"Use example training images (ShapeWorld, {len(TRAIN_EXAMPLE_CLASSES)} classes × "
+                            f"{len(train_examples) // len(TRAIN_EXAMPLE_CLASSES)})", size="sm", elem_id="train-examples-btn")
+                        gr.Markdown("The example classes are shapes whose names the offline model's plain prompt reads "
+                                    "swapped (its model card says why), so zero-shot CLIP gets them wrong while its image "
+                                    "features tell them apart: a gap a learned prompt can close (PMPO, 20 epochs: about a "
+                                    "minute on a 2-core CPU).", elem_id="train-examples-note")
                         with gr.Row():
                             train_files = gr.File(label="Training images", file_count="multiple", elem_id="train-files")
                             train_zip = gr.File(label="…or a zip (class folders)", file_count="single", file_types=[".zip"])
@@ -307,7 +311,8 @@ def build_demo(state: AppState) -> gr.Blocks:
                                                   visible=train_tab.local_paths_allowed())
                         with gr.Row():
                             train_method = gr.Dropdown(list(train_tab.TRAIN_METHODS), value="pmpo", label="Method")
-                            train_epochs = gr.Slider(1, train_tab.MAX_EPOCHS, value=5, step=1, label="Epochs")
+                            train_epochs = gr.Slider(1, train_tab.MAX_EPOCHS, value=train_tab.default_epochs(state.default_spec),
+                                                     step=1, label="Epochs")
                             train_name = gr.Textbox(label="Checkpoint name (optional)", value="")
                         with gr.Row():
                             train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
