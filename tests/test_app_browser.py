@@ -119,7 +119,7 @@ def test_every_tab_main_flow(page, served):
 
     page.get_by_role("tab", name="Train").click()
     page.locator("#train-examples-btn").click()
-    expect(page.locator("#train-files")).to_contain_text("yellow_star_8")
+    expect(page.locator("#train-files")).to_contain_text("yellow_diamond_8")
     page.locator("#train-btn").click()
     status = page.locator("#train-status")
     expect(status).to_contain_text("Held-out accuracy", timeout=300_000)

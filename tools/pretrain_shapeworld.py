@@ -55,9 +55,9 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from pmpo.data import shapeworld as sw
 
-# The target architecture of the next offline model: as deep as ViT-B/16 (12 + 12 layers) so every
-# method preset runs unchanged. The shipped model (pmpo/checkpoints/shapeworld-clip) is still the
-# 4-layer one; its card's commands pass its own open_clip_config.json as --model-config.
+# The offline model's architecture: as deep as ViT-B/16 (12 + 12 layers) so every method preset
+# runs unchanged. The shipped model (pmpo/checkpoints/shapeworld-clip) reaches it by --grow from a
+# shallow first stage (--write-config 2 2 8); its card lists every stage's command.
 MODEL_CFG = {
     "embed_dim": 128,
     "quick_gelu": False,

@@ -15,7 +15,7 @@ method this project is about.
 
 A *candidate offline model* is checked the same way before it replaces the shipped one:
 ``--model local-dir:PATH`` trains on it, ``--presets-unchanged`` drops the sweep file's per-method
-depth overrides (they are scaled to the shipped 4-layer towers), ``--shift KEY=VALUE`` renders the
+config overrides (the benchmark of a shallower model scaled the prompt depths to its towers), ``--shift KEY=VALUE`` renders the
 data with a changed ``DOWNSTREAM_SHIFT`` (use a fresh ``--root``: rendered images are cached there),
 and every row reports the zero-shot val accuracy and the training accuracy beside the method's:
 
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows and the choice to this file")
     p.add_argument("--model", help="train on this backbone instead of the sweep's (a candidate offline model)")
     p.add_argument("--presets-unchanged", action="store_true",
-                   help="drop the sweep's per-method config overrides (depths scaled to the shipped 4-layer model)")
+                   help="drop the sweep's per-method config overrides (for a candidate shallower than the presets)")
     p.add_argument("--shift", action="append", default=[], metavar="KEY=VALUE",
                    help="override one knob of DOWNSTREAM_SHIFT for the rendered data (with a fresh --root)")
     p.add_argument("--method-config", action="append", default=[], metavar="KEY=VALUE",
