@@ -228,15 +228,18 @@ class TrainJobs:
         return len(self._events)
 
 
+OFFLINE_EPOCHS = 20
+
+
+def _is_offline_model(model_name: str) -> bool:
+    return resolve_model_name(model_name) == OFFLINE_MODEL
+
+
 def default_epochs(spec: BackboneSpec) -> int:
     """The Epochs slider's start value: 20 on the offline model, whose example task (held-out images
     of a val draw, PMPO) went from 0 % zero-shot to 25 % after 5 epochs and 69 % after 20 (about a
-    minute on 2 CPU cores; docs/SHAPEWORLD.md, "The Train tab"); 5 elsewhere, where one epoch of a
-    real CLIP costs far more."""
-    return OFFLINE_EPOCHS if resolve_model_name(spec.model) == OFFLINE_MODEL else 5
-
-
-OFFLINE_EPOCHS = 20
+    minute on 2 CPU cores); 5 elsewhere, where one epoch of a real CLIP costs far more."""
+    return OFFLINE_EPOCHS if _is_offline_model(spec.model) else 5
 
 
 def train_config(epochs: int, n_items: int, lr: float | None = None, random_crop: bool = True):
@@ -275,7 +278,7 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
         raise InputError("After skipping unreadable images fewer than two classes remain.")
     items, held = split_holdout(items)
     backbone = state.backbone(spec)
-    cfg = train_config(epochs, len(items), lr, random_crop=resolve_model_name(backbone.model_name) != OFFLINE_MODEL)
+    cfg = train_config(epochs, len(items), lr, random_crop=not _is_offline_model(backbone.model_name))
     try:
         model = build_model(PMPOConfig(method=method, model=backbone.model_name, pretrained=backbone.pretrained or "none"),
                             device=state.device, backbone=backbone)
