@@ -7,7 +7,7 @@ the benchmark run of that seed uses — and scores the few-shot **val** images o
 the new classes (4 per class). The candidate with the best mean val HM over the methods wins;
 copy it into the sweep file's ``train:`` block.
 
-    python tools/shapeworld_recipe.py                        # the grid behind the shipped choice
+    python tools/shapeworld_recipe.py                        # the grid behind the shipped choice (epochs x lr)
     python tools/shapeworld_recipe.py --epochs 5 10 --lr 0.0035 0.028 --batch-size 32 --json recipe.json
 
 Selecting on the mean over methods (not on PMPO alone) keeps the choice from favouring the
@@ -122,11 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sweep", default=str(REPO / "pmpo" / "configs" / "sweeps" / "shapeworld.yaml"))
     p.add_argument("--root", help="override the sweep's data root")
     p.add_argument("--seed", type=int, default=1, help="few-shot draw and training seed (default: 1)")
-    p.add_argument("--epochs", type=int, nargs="+", default=[5])
-    p.add_argument("--lr", type=float, nargs="+", default=[0.0035, 0.028])
+    p.add_argument("--epochs", type=int, nargs="+", default=[5, 7, 9])
+    p.add_argument("--lr", type=float, nargs="+", default=[0.028, 0.056])
     p.add_argument("--batch-size", type=int, nargs="+", default=[32])
-    p.add_argument("--min-crop-scale", type=float, nargs="+", default=[0.08],
-                   help="RandomResizedCrop's lower scale bound (0.08: CoOp's protocol)")
+    p.add_argument("--min-crop-scale", type=float, nargs="+", default=[1.0],
+                   help="RandomResizedCrop's lower scale bound (0.08: CoOp's protocol; 1.0: no crop, the benchmark's choice)")
     p.add_argument("--methods", nargs="+", help="sweep method names to score (default: every learnable one)")
     p.add_argument("--json", help="also write the rows and the choice to this file")
     p.add_argument("--model", help="train on this backbone instead of the sweep's (a candidate offline model)")
