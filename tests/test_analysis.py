@@ -370,6 +370,37 @@ def test_ablation_plot_from_result_files(tmp_path):
     assert ablations.main(["plot", str(tmp_path / "runs"), "--factors", "coupling", "--out", str(out)]) == 1
 
 
+def test_ablation_plot_names_runs_of_any_sweep_by_their_one_changed_option(tmp_path, capsys):
+    """--base: runs named their own way (as the ShapeWorld benchmark's pmpo-n1, pmpo-no-prior) are
+    placed by the one prompt option that differs from the base run's config."""
+    from pmpo.analysis import ablations
+
+    root = tmp_path / "runs"
+    accs = [(80.0, 70.0), (82.0, 72.0)]
+    runs = {"pmpo": BASE_CFG,
+            "pmpo-n1": {**BASE_CFG, "n_prompts": 1, "alpha": 0.5},        # alpha follows N: one change
+            "pmpo-no-prior": {**BASE_CFG, "alpha": 0.0},
+            "pmpo-two-things": {**BASE_CFG, "partition": "all", "coupling": "shared"},
+            "pmpo-longer": BASE_CFG}                                       # same prompts, other recipe
+    for name, cfg in runs.items():
+        for seed, (b, n) in enumerate(accs, start=1):
+            path = write_result(root / name / f"seed_{seed}", name, seed, {"base": b, "new": n}, cfg)
+            if name == "pmpo-longer":
+                data = json.loads(path.read_text())
+                path.write_text(json.dumps({**data, "train": {"epochs": 20}}))
+    out = tmp_path / "fig"
+    assert ablations.main(["plot", str(root), "--base", "pmpo", "--out", str(out)]) == 0
+    rows = read_csv(out / "ablations.csv")
+    assert [(r["factor"], r["value"], r["variant"]) for r in rows] == [
+        ("n_prompts", "1", "n_prompts=1"), ("n_prompts", "4", "base"),
+        ("alpha", "0.0", "alpha=0.0"), ("alpha", "0.2", "base")]
+    assert "left out (not one prompt option away from 'pmpo'): pmpo-longer, pmpo-two-things" in capsys.readouterr().err
+    # without --base these names are not ablation runs; a --base that names no run says which exist
+    assert ablations.main(["plot", str(root), "--out", str(out)]) == 1
+    assert ablations.main(["plot", str(root), "--base", "nope", "--out", str(out)]) == 1
+    assert "'nope': no run has that name (runs: pmpo, pmpo-longer, pmpo-n1" in capsys.readouterr().err
+
+
 def test_ablation_sweep_runs_and_resumes(tiny_model, image_root, tmp_path, capsys):
     from pmpo.analysis import ablations
 

@@ -186,6 +186,41 @@ def _factor_of(name: str) -> str | None:
     return name.split("=", 1)[0] if "=" in name else None
 
 
+def name_by_difference(results: Sequence[dict], base: str) -> tuple[list[dict], list[str]]:
+    """Runs of any sweep, renamed as this module's runs: ``base`` becomes ``"base"``, and a run whose
+    prompt config differs from the base run's in exactly one option becomes ``<option>=<value>``.
+
+    So a sweep that names its runs its own way (the ShapeWorld benchmark's ``pmpo-n1``,
+    ``pmpo-no-prior``, ...) plots without being rerun. An alpha that follows a changed ``n_prompts``
+    (the default 1/(N+1) on both sides) is part of that one change, not a second one. Runs that
+    differ in no option, in several, or in their training recipe (not a prompt option, so not a
+    factor) are left out and returned by name, so the caller can say what was skipped."""
+    base_runs = [r for r in results if r["name"] == base]
+    if not base_runs:
+        names = ", ".join(sorted({r["name"] for r in results})) or "none"
+        raise InputError(f"--base {base!r}: no run has that name (runs: {names})")
+    ref_cfg = base_runs[0].get("config") or {}
+    ref_train = {k: v for k, v in (base_runs[0].get("train") or {}).items() if k != "seed"}
+    renamed, skipped = [], []
+    for r in results:
+        if r["name"] == base:
+            renamed.append({**r, "name": BASE})
+            continue
+        cfg = r.get("config") or {}
+        diff = {k: v for k, v in cfg.items() if ref_cfg.get(k) != v}
+        if "n_prompts" in diff and "alpha" in diff and all(
+                isinstance(c.get("n_prompts"), int) and c.get("alpha") is not None
+                and abs(c["alpha"] - 1 / (c["n_prompts"] + 1)) < 1e-9 for c in (cfg, ref_cfg)):
+            diff.pop("alpha")
+        train = {k: v for k, v in (r.get("train") or {}).items() if k != "seed"}
+        if len(diff) != 1 or train != ref_train:
+            skipped.append(r["name"])
+            continue
+        (factor, value), = diff.items()
+        renamed.append({**r, "name": f"{factor}={_value_name(value)}"})
+    return renamed, sorted(set(skipped))
+
+
 def collect_points(results: Sequence[dict], factors: Sequence[str] | None = None) -> list[Point]:
     """Curve points per (dataset, factor): the base run and the runs named ``<factor>=<value>``."""
     from pmpo.results import aggregate
@@ -295,6 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plot", help="plot from result.json files (folders are searched recursively)")
     p.add_argument("results", nargs="+", help="result.json files or folders holding them")
     p.add_argument("--factors", help="comma-separated factors to plot, in this order (default: all found)")
+    p.add_argument("--base", help="name of the base run, for runs not named 'base' / '<factor>=<value>' (e.g. "
+                                  "the ShapeWorld benchmark's: --base pmpo); each other run's factor is the one "
+                                  "option its config changes")
     p.add_argument("--out", default=f"outputs/analysis/{NAME}", help=f"output folder (default: outputs/analysis/{NAME})")
 
 
@@ -318,6 +356,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         factors = list(sweep.factors)
     else:
         results = load_results(args.results)
+        if args.base:
+            results, skipped = name_by_difference(results, args.base)
+            if skipped:
+                print(f"left out (not one prompt option away from {args.base!r}): {', '.join(skipped)}",
+                      file=sys.stderr)
         figures = Path(args.out)
         factors = [f.strip() for f in args.factors.split(",") if f.strip()] if args.factors else None
     points = collect_points(results, factors)
