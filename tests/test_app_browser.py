@@ -53,6 +53,22 @@ def upload(page, path: Path) -> None:
                 raise
 
 
+def click_until(page, button: str, status: str, text: str, timeout_ms: int = 180_000) -> None:
+    """Click ``button`` until ``status`` shows ``text``. Like an upload (above), the first click of a
+    fresh page was seen to go unanswered now and then (2 of 6 runs here: the status stayed empty for
+    180 s, where the same test passes in 20 s on a rerun), so one more click follows if the first
+    shows nothing in 60 s; a slow but real first request only queues a second answer behind it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    target = page.locator(status).get_by_text(text)
+    page.locator(button).click()
+    try:
+        target.wait_for(timeout=60_000)
+    except PlaywrightTimeout:
+        page.locator(button).click()
+        target.wait_for(timeout=timeout_ms)
+
+
 def test_upload_classify_and_read_result(page, served, tmp_path):
     from playwright.sync_api import expect
 
@@ -60,11 +76,10 @@ def test_upload_classify_and_read_result(page, served, tmp_path):
     upload(page, image)
     classes = page.locator("#classes textarea")
     classes.fill("red circle\nblue square\nsomething else")
-    page.locator("#classify-btn").click()
     status = page.locator("#classify-status")
     # The first request of a fresh server builds the models; on a loaded 2-core CI runner that took
     # longer than the 30 s default.
-    status.get_by_text("1 image(s), 3 classes").wait_for(timeout=180_000)
+    click_until(page, "#classify-btn", "#classify-status", "1 image(s), 3 classes")
     table = page.locator("#topk-table")
     expect(table).to_contain_text(image.name)
     text = table.inner_text()
