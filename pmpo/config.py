@@ -101,7 +101,7 @@ class PMPOConfig:
             if getattr(self, f.name) is None and f.name in preset:
                 setattr(self, f.name, preset[f.name])
         if self.alpha is None:
-            self.alpha = 1.0 / (self.n_prompts + 1)
+            self.alpha = default_alpha(self.n_prompts)
         if self.n_ctx_vision is None:
             self.n_ctx_vision = self.n_ctx
         self.validate()
@@ -190,6 +190,11 @@ class PMPOConfig:
         return cls.from_dict(data)
 
 
+def default_alpha(n_prompts: int) -> float:
+    """The prior's weight when a config leaves it unset: 1/(N+1), the prior counting as one more prompt."""
+    return 1.0 / (n_prompts + 1)
+
+
 def preset_file(kind: str, name: str | Path) -> Path:
     """A YAML file given by path, or by the name of a preset shipped in ``pmpo/configs/<kind>/``
     (``pmpo sweep tiny``): the same command works from any directory and from an installed wheel.
@@ -252,5 +257,5 @@ def preset_blocks(method: str, data: dict[str, Any] | None = None) -> dict[str, 
     return out
 
 
-__all__ = ["LEGACY_DEFAULTS", "PMPOConfig", "list_methods", "load_preset", "preset_blocks", "preset_file",
+__all__ = ["LEGACY_DEFAULTS", "PMPOConfig", "default_alpha", "list_methods", "load_preset", "preset_blocks", "preset_file",
            "read_method_preset", "template_pool"]

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from pmpo import PMPOConfig, build_model
 from pmpo.backbone import OFFLINE_MODEL, load_backbone, resolve_model_name

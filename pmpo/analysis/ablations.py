@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pmpo.config import PMPOConfig, preset_file
+from pmpo.config import PMPOConfig, default_alpha, preset_file
 from pmpo.errors import InputError
 from pmpo.io import read_yaml_mapping
 
@@ -210,7 +210,7 @@ def name_by_difference(results: Sequence[dict], base: str) -> tuple[list[dict], 
         diff = {k: v for k, v in cfg.items() if ref_cfg.get(k) != v}
         if "n_prompts" in diff and "alpha" in diff and all(
                 isinstance(c.get("n_prompts"), int) and c.get("alpha") is not None
-                and abs(c["alpha"] - 1 / (c["n_prompts"] + 1)) < 1e-9 for c in (cfg, ref_cfg)):
+                and abs(c["alpha"] - default_alpha(c["n_prompts"])) < 1e-9 for c in (cfg, ref_cfg)):
             diff.pop("alpha")
         train = {k: v for k, v in (r.get("train") or {}).items() if k != "seed"}
         if len(diff) != 1 or train != ref_train:
