@@ -207,6 +207,9 @@ def test_coop_ceiling_starts_at_zero_shot_and_fits_what_a_context_can_fit(tool):
     assert tool.coop_ceiling(model, text, f, y, f, y, steps=0) == pytest.approx(zs)
     fitted = tool.coop_ceiling(model, text, f, y, f, y, steps=200, lr=0.05)
     assert fitted > zs + 30
+    # KgCoOp's consistency term at a huge weight holds the class weights at the prior: no gain
+    held = tool.coop_ceiling(model, text, f, y, f, y, steps=200, lr=0.05, consistency=1e4)
+    assert held < fitted and held <= zs + 100 / 3
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.requires_grad for p in model.parameters())
 
