@@ -31,6 +31,8 @@ def page(served):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page._console_lines = []  # read by diagnosis() when a test fails
+        page.on("console", lambda msg: page._console_lines.append(f"{msg.type}: {msg.text}"))
         page.set_default_timeout(30_000)
         page.goto(served[0])
         page.wait_for_selector("#classify-btn")
@@ -53,7 +55,16 @@ def upload(page, path: Path) -> None:
                 raise
 
 
-def classify_fresh(page, url: str, image: Path, classes: str, expected: str) -> None:
+def diagnosis(page, log: Path) -> str:
+    """What a failure message needs to tell the cause apart: the status line, the browser console
+    (collected since the page opened) and the end of the server's log."""
+    status = page.locator("#classify-status").inner_text() if page.locator("#classify-status").count() else "?"
+    console = "\n".join(getattr(page, "_console_lines", [])[-20:])
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.is_file() else f"{log} missing"
+    return f"status: {status!r}\n--- browser console ---\n{console}\n--- {log.name} ---\n{tail}"
+
+
+def classify_fresh(page, url: str, image: Path, classes: str, expected: str, log: Path) -> None:
     """Upload, fill the classes, click Classify and wait for ``expected`` in the status. The first
     request of a fresh page was seen to go unanswered (status empty for 180 s, a second click no help)
     in every full-suite run on one 2-core VM and once right after Chromium's install, never when this
@@ -73,7 +84,7 @@ def classify_fresh(page, url: str, image: Path, classes: str, expected: str) -> 
             return
         except PlaywrightTimeout:
             if attempt:
-                raise
+                pytest.fail(f"no answer to Classify after a reload\n{diagnosis(page, log)}")
 
 
 def test_upload_classify_and_read_result(page, served, tmp_path):
@@ -82,7 +93,8 @@ def test_upload_classify_and_read_result(page, served, tmp_path):
     image = sorted((Path(served[1]) / "examples").glob("*.png"))[0]
     # The first request of a fresh server builds the models; on a loaded 2-core CI runner that took
     # longer than the 30 s default.
-    classify_fresh(page, served[0], image, "red circle\nblue square\nsomething else", "1 image(s), 3 classes")
+    classify_fresh(page, served[0], image, "red circle\nblue square\nsomething else", "1 image(s), 3 classes",
+                   Path(served[1]) / "app.log")
     classes = page.locator("#classes textarea")
     status = page.locator("#classify-status")
     table = page.locator("#topk-table")
