@@ -521,7 +521,7 @@ def test_example_training_set_trains_to_a_visible_held_out_gain(tmp_path):
     final = list(train_tab.run_training(st, st.default_spec, "pmpo", epochs, items, names, threading.Event(),
                                         poll_s=0.2))[-1]
     assert final.done and not final.error, final.status
-    assert final.heldout["n"] == len(names) * 2
+    assert final.heldout["n"] == len(names) * app_state.EXAMPLE_TRAIN_PER_CLASS // train_tab.HOLDOUT_EVERY
     assert final.heldout["trained"] >= final.heldout["zero_shot"] + 25, final.heldout
 
 
