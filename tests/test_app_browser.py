@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pmpo.app.launcher import stop
+from pmpo.app.state import EXAMPLE_TRAIN_PER_CLASS
 from test_app_client import launch_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -151,7 +152,7 @@ def test_every_tab_main_flow(page, served):
 
     page.get_by_role("tab", name="Train").click()
     page.locator("#train-examples-btn").click()
-    expect(page.locator("#train-files")).to_contain_text("yellow_diamond_8")
+    expect(page.locator("#train-files")).to_contain_text(f"yellow_diamond_{EXAMPLE_TRAIN_PER_CLASS}")
     page.locator("#train-btn").click()
     status = page.locator("#train-status")
     expect(status).to_contain_text("Held-out accuracy", timeout=300_000)

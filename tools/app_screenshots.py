@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pmpo.app.launcher import launch, stop  # noqa: E402
+from pmpo.app.state import EXAMPLE_TRAIN_PER_CLASS  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -94,9 +95,9 @@ def screenshots(url: str, out: Path, examples: list[str]) -> list[Path]:
         capture("embeddings")
 
         page.get_by_role("tab", name="Train").click()
-        page.locator("#train-examples-btn").click()  # 8 classes x 8 downstream renders; 2 per class held out
+        page.locator("#train-examples-btn").click()  # 8 classes x 16 downstream renders; 4 per class held out
         # (the slider starts at the offline model's 20 epochs: about a minute on 2 cores)
-        expect(page.locator("#train-files")).to_contain_text("yellow_diamond_8")
+        expect(page.locator("#train-files")).to_contain_text(f"yellow_diamond_{EXAMPLE_TRAIN_PER_CLASS}")
         page.locator("#train-btn").click()
         expect(page.locator("#train-status")).to_contain_text("Held-out accuracy", timeout=300_000)
         capture("train")
