@@ -241,7 +241,8 @@ def _is_offline_model(model_name: str) -> bool:
 def default_epochs(spec: BackboneSpec) -> int:
     """The Epochs slider's start value: 20 on the offline model, whose example task (PMPO, the 32
     held-out images of the 8 example classes) went from 18.8 % zero-shot to 87.5 % after 20 epochs
-    (about a minute on 2 CPU cores); 5 elsewhere, where one epoch of a real CLIP costs far more."""
+    (113 s on 2 CPU cores shared with the browser that took docs/screenshots/train.png); 5 elsewhere,
+    where one epoch of a real CLIP costs far more."""
     return OFFLINE_EPOCHS if _is_offline_model(spec.model) else 5
 
 
