@@ -187,6 +187,17 @@ train: {{epochs: 1, batch_size: 32, warmup_epochs: 0, lr: 0.01, num_workers: 0}}
     assert "old" not in text and header in text and row in text
     assert "eval.json" in text and "| pmpo-n1 | 1 |" in text and "Total:" in text
     assert re.search(r"\| linear probe \| 1 \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \|", text), text
+    # ... and the README's summary: seed means, HM, the base gain over zero-shot
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- shapeworld:summary -->\nold\n<!-- /shapeworld:summary -->\nrest\n")
+    bench.write_readme(readme, [load_sweep(sweep)])
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    pmpo_row = next(line for line in text.splitlines() if line.startswith("| pmpo-n1 |"))
+    base, new = result["accuracy"]["base"], result["accuracy"]["new"]
+    assert pmpo_row == (f"| pmpo-n1 | 1 | {base:.2f} | {new:.2f} | {harmonic_mean(base, new):.2f} | "
+                        f"{base - zs['accuracy']['base']:+.1f} |"), pmpo_row
+    assert "| zeroshot | 1 |" in text and text.count("| – |") == 1
 
 
 def _load_tool(name: str):

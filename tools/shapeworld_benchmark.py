@@ -1,5 +1,5 @@
 """The ShapeWorld benchmark in one command: run its two sweeps, then write the tables into
-docs/SHAPEWORLD.md (between the ``<!-- shapeworld:... -->`` markers).
+docs/SHAPEWORLD.md and the README's summary table (between ``<!-- shapeworld:... -->`` markers).
 
     python tools/shapeworld_benchmark.py                 # run (resumable) + rewrite the doc's tables
     python tools/shapeworld_benchmark.py --tables-only   # only rewrite the tables from finished runs
@@ -36,7 +36,9 @@ from pmpo.results import build_tables, load_results, render  # noqa: E402
 
 SWEEPS = (REPO / "pmpo" / "configs" / "sweeps" / "shapeworld.yaml", REPO / "pmpo" / "configs" / "sweeps" / "shapeworld_ablations.yaml")
 DOC = REPO / "docs" / "SHAPEWORLD.md"
+README = REPO / "README.md"
 SECTIONS = ("model", "benchmark", "probe", "ablations", "times")
+README_SECTION = "summary"  # the README's short table, between <!-- shapeworld:summary --> markers
 
 
 def result_files(sweep: Sweep) -> list[Path]:
@@ -49,6 +51,25 @@ def result_files(sweep: Sweep) -> list[Path]:
 def table_markdown(results: list[dict]) -> str:
     text = render(build_tables(results, protocol="base2new"), "md")
     return re.sub(r"^### .*\n\n", "", text)  # the doc has its own headings
+
+
+def summary_markdown(results: list[dict]) -> str:
+    """The README's table: per method, in sweep order, the seed-mean base / new accuracy, the HM of
+    those means (as ``pmpo table``) and the base gain over zero-shot."""
+    from pmpo.data import harmonic_mean
+
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], []).append(r)
+    mean = {name: {half: statistics.mean(r["accuracy"][half] for r in runs) for half in ("base", "new")}
+            for name, runs in by_name.items()}
+    zs = mean.get("zeroshot", {}).get("base")
+    out = ["| Method | Seeds | Base | New | HM | Base − zero-shot |", "|---|---:|---:|---:|---:|---:|"]
+    for name, m in mean.items():
+        gain = "–" if zs is None or name == "zeroshot" else f"{m['base'] - zs:+.1f}"
+        out.append(f"| {name} | {len(by_name[name])} | {m['base']:.2f} | {m['new']:.2f} | "
+                   f"{harmonic_mean(m['base'], m['new']):.2f} | {gain} |")
+    return "\n".join(out) + "\n"
 
 
 def model_markdown(results: list[dict]) -> str:
@@ -174,6 +195,15 @@ def replace_section(text: str, section: str, body: str) -> str:
     return pattern.sub(lambda _m: f"{start}\n{body.rstrip()}\n{end}", text)
 
 
+def write_readme(readme: Path, sweeps: Sequence[Sweep]) -> None:
+    """Rewrite the README's summary table from the finished runs of the benchmark sweep."""
+    bench = load_results(result_files(sweeps[0])) if result_files(sweeps[0]) else []
+    if not bench:
+        raise PMPOError("no finished benchmark runs; run this script without --tables-only first")
+    readme.write_text(replace_section(readme.read_text(encoding="utf-8"), README_SECTION, summary_markdown(bench)),
+                      encoding="utf-8")
+
+
 def write_doc(doc: Path, sweeps: Sequence[Sweep], probe: bool = True) -> None:
     bench, ablations = (load_results(result_files(s)) if result_files(s) else [] for s in sweeps)
     if not bench:
@@ -199,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--probe-only", action="store_true", help="only (re)write the linear-probe reference table")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--doc", default=str(DOC), help=f"document to update (default: {_repo_relative(DOC)})")
+    p.add_argument("--readme", default=str(README),
+                   help=f"file whose '{README_SECTION}' table to update (default: {_repo_relative(README)})")
     args = p.parse_args(argv)
     doc = Path(args.doc).resolve()
     os.chdir(REPO)  # the sweep files name data/, runs/ and checkpoints/ relative to the repo root
@@ -214,10 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if pmpo_main(["sweep", str(path), "--device", args.device]) != 0:
                     return 1
         write_doc(doc, sweeps, probe=not args.no_probe)
+        write_readme(Path(args.readme).resolve(), sweeps)
     except PMPOError as exc:
         print(f"shapeworld_benchmark: error: {exc}", file=sys.stderr)
         return 1
-    print(f"tables written to {doc}", file=sys.stderr)
+    print(f"tables written to {doc} and {args.readme}", file=sys.stderr)
     return 0
 
 
