@@ -534,8 +534,8 @@ def example_images(folder: str | Path, classes: list[str] = EXAMPLE_CLASSES, see
 
 EXAMPLE_TRAIN_PER_CLASS = 16  # 12 to train on, 4 held out per class (with 8, the held-out score rested on 2 images a class)
 # The Train tab's example task: two colours of the two shape pairs whose names the offline model's
-# plain prompt reads swapped (its unmarked pretraining captions swapped them; MODEL_CARD.md), so
-# "a photo of a red circle." points at red triangles. The image features tell the shapes apart,
+# plain prompt reads swapped (most of its unmarked pretraining captions swap them; MODEL_CARD.md), so
+# "a photo of a red circle." leans to red triangles. The image features tell the shapes apart,
 # so a learned prompt can close the gap: the situation of real CLIP on a domain whose names its
 # captions used differently. Eight one-colour-apart classes would leave nothing to learn.
 TRAIN_EXAMPLE_CLASSES = ["red circle", "red triangle", "blue circle", "blue triangle",
