@@ -472,6 +472,18 @@ def test_tables_from_result_files(tmp_path):
     assert "40.00" in xd and "42.50" in xd  # target accuracy and the targets' average
 
 
+def test_table_bars_give_zero_shot_black_and_nine_methods_distinct_colours():
+    from pmpo.analysis import style, tables
+    from pmpo.results import Row
+
+    names = ["zeroshot", "coop", "cocoop", "kgcoop", "vpt", "ivlp", "maple", "promptsrc", "pmpo"]
+    rows = [Row("base2new", "d", n, 16, [1], {}) for n in names] + [Row("base2new", "d", "MaPLe (paper)", 16, [], {},
+                                                                       reference="paper")]
+    colours = tables.bar_colours(rows)
+    assert colours[0] == style.PRIOR_COLOUR and colours[-1] == "#ffffff"
+    assert len(set(colours[:9])) == 9
+
+
 def test_tables_reject_missing_protocol(tmp_path, capsys):
     from pmpo.analysis import tables
 

@@ -38,6 +38,22 @@ def summary_group(table) -> list:
     return rows + [r for g in table.groups for r in g if r.reference is not None]
 
 
+def bar_colours(rows) -> list[str]:
+    """One colour per row: published rows white (hatched), zero-shot CLIP black (it is the manual
+    prior's prediction, black in every figure), and the palette in order for the rest, so up to
+    ``len(style.PALETTE)`` trained methods beside zero-shot never share a colour."""
+    colours, ours = [], 0
+    for r in rows:
+        if r.reference is not None:
+            colours.append("#ffffff")
+        elif r.name == "zeroshot":
+            colours.append(style.PRIOR_COLOUR)
+        else:
+            colours.append(style.segment_colour(ours))
+            ours += 1
+    return colours
+
+
 def plot_table(table, out: Path, stem: str) -> list[Path]:
     from pmpo.results import LABELS
 
@@ -50,13 +66,10 @@ def plot_table(table, out: Path, stem: str) -> list[Path]:
     fig, ax = style.figure(width, aspect=0.55 if width == style.COLUMN_WIDTH else 0.3)
     x = np.arange(len(metrics))
     bar = 0.8 / n
-    ours = 0
-    for i, r in enumerate(rows):
+    for i, (r, colour) in enumerate(zip(rows, bar_colours(rows))):
         mean = [r.metrics[m].mean if r.metrics.get(m) and r.metrics[m].mean is not None else np.nan for m in metrics]
         std = [(r.metrics[m].std or 0.0) if r.metrics.get(m) and r.metrics[m].mean is not None else 0.0 for m in metrics]
         paper = r.reference is not None
-        colour = "#ffffff" if paper else style.segment_colour(ours)
-        ours += 0 if paper else 1
         ax.bar(x - 0.4 + bar * (i + 0.5), mean, bar, yerr=None if paper else std, color=colour, label=r.name,
                edgecolor="#555555" if paper else colour, hatch="////" if paper else None, linewidth=0.4,
                error_kw={"linewidth": 0.6})
