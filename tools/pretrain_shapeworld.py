@@ -474,7 +474,7 @@ def coop_ceiling(model, text: torch.Tensor, f_train: torch.Tensor, y_train: np.n
         return F.normalize(encode_text_truncated(model, text, emb).float(), dim=-1)
 
     with torch.no_grad():
-        prior = weights()
+        prior = weights() if consistency else None
     try:
         for _ in range(steps):
             w = weights()

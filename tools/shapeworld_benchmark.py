@@ -32,7 +32,7 @@ from pmpo.cli import main as pmpo_main  # noqa: E402
 from pmpo.commands.sweep import Sweep, load_sweep  # noqa: E402
 from pmpo.errors import PMPOError  # noqa: E402
 from pmpo.protocols import RESULT_FILE, run_dir  # noqa: E402
-from pmpo.results import build_tables, load_results, render  # noqa: E402
+from pmpo.results import aggregate, build_tables, load_results, render  # noqa: E402
 
 SWEEPS = (REPO / "pmpo" / "configs" / "sweeps" / "shapeworld.yaml", REPO / "pmpo" / "configs" / "sweeps" / "shapeworld_ablations.yaml")
 DOC = REPO / "docs" / "SHAPEWORLD.md"
@@ -54,21 +54,16 @@ def table_markdown(results: list[dict]) -> str:
 
 
 def summary_markdown(results: list[dict]) -> str:
-    """The README's table: per method, in sweep order, the seed-mean base / new accuracy, the HM of
-    those means (as ``pmpo table``) and the base gain over zero-shot."""
-    from pmpo.data import harmonic_mean
-
-    by_name: dict[str, list[dict]] = {}
-    for r in results:
-        by_name.setdefault(r["name"], []).append(r)
-    mean = {name: {half: statistics.mean(r["accuracy"][half] for r in runs) for half in ("base", "new")}
-            for name, runs in by_name.items()}
-    zs = mean.get("zeroshot", {}).get("base")
+    """The README's table: per method, in sweep order, ``pmpo table``'s seed-mean base / new accuracy
+    and HM of those means, and the base gain over zero-shot."""
+    order = list(dict.fromkeys(r["name"] for r in results))
+    rows = sorted(aggregate(results), key=lambda row: order.index(row.name))
+    zs = next((row.metrics["base"].mean for row in rows if row.name == "zeroshot"), None)
     out = ["| Method | Seeds | Base | New | HM | Base − zero-shot |", "|---|---:|---:|---:|---:|---:|"]
-    for name, m in mean.items():
-        gain = "–" if zs is None or name == "zeroshot" else f"{m['base'] - zs:+.1f}"
-        out.append(f"| {name} | {len(by_name[name])} | {m['base']:.2f} | {m['new']:.2f} | "
-                   f"{harmonic_mean(m['base'], m['new']):.2f} | {gain} |")
+    for row in rows:
+        base, new, hm = (row.metrics[m].mean for m in ("base", "new", "hm"))
+        gain = "–" if zs is None or row.name == "zeroshot" else f"{base - zs:+.1f}"
+        out.append(f"| {row.name} | {len(row.seeds)} | {base:.2f} | {new:.2f} | {hm:.2f} | {gain} |")
     return "\n".join(out) + "\n"
 
 
