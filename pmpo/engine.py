@@ -50,6 +50,7 @@ from .data.datasets import Datum
 from .data.loader import ImageDataset, load_image
 from .errors import CheckpointError, InputError, PMPOError
 from .io import atomic_save_safetensors, read_yaml_mapping
+from .encoders import VisionOutput
 from .model import PMPOModel, clean_classnames
 
 TRAIN_CONFIG_DIR = CONFIG_DIR / "train"
@@ -100,6 +101,13 @@ class TrainConfig:
     # ends with that sum as its prompts (trainers/promptsrc.py). gpa_std 0: off, the last epoch's.
     gpa_mean: float = 0.0
     gpa_std: float = 0.0
+    # Methods whose image side has no learnable part (CoOp, KgCoOp, CoCoOp: PMPOModel.frozen_image_side)
+    # may compute the frozen image features once: K > 0 encodes K augmented views of every image
+    # before the first step, and each step draws one of them per image, so a step is a text pass.
+    # 0 (the default, and every benchmark protocol): the image tower runs on fresh augmentations
+    # every step, as the authors' code does. With K views the augmentations seen are K per image
+    # instead of one per epoch; without augmentation (min_crop_scale 1, flip only) K = 2 covers it.
+    cached_views: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -121,6 +129,7 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.gpa_std >= 0, f"gpa_std must be >= 0 (0: no prompt aggregation), got {self.gpa_std}"),
+            (0 <= self.cached_views <= 64, f"cached_views must lie in 0..64 (0: off), got {self.cached_views}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -413,8 +422,11 @@ class _PromptObjective(nn.Module):
         self.prompts = model.prompts
         self.__dict__["model"] = model  # not a submodule: never broadcast, never in gradient buckets
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.model.loss(images, labels, classnames)
+    def forward(self, images: torch.Tensor | None, labels: torch.Tensor, classnames: Sequence[str],
+                vision: VisionOutput | None = None) -> dict[str, torch.Tensor]:
+        if vision is None:
+            return self.model.loss(images, labels, classnames)
+        return self.model.loss(images, labels, classnames, vision=vision)
 
 
 def _build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -463,6 +475,38 @@ def _trim_metrics(path: Path, keep_before_epoch: int) -> None:
         except ValueError:
             continue  # a line cut by the kill
     path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+
+@torch.no_grad()
+def cached_image_features(model: PMPOModel, items: Sequence[Datum], cfg: TrainConfig,
+                          progress: Callable[[dict], None] | None = None,
+                          stop: threading.Event | None = None) -> torch.Tensor | None:
+    """[K, n, D] image features of ``cfg.cached_views`` = K augmented views of every item, each
+    view's augmentation seeded by (seed, view, index) so that a resumed or distributed run sees the
+    same features. None when ``stop`` was set before the last batch."""
+    if not model.frozen_image_side:
+        raise InputError(f"cached_views needs a method without visual prompts (CoOp, KgCoOp, CoCoOp); "
+                         f"{model.cfg.method!r} learns inside the image tower")
+    views, n = cfg.cached_views, len(items)
+    dataset = _AugmentedDataset(items, model.train_transform(cfg.min_crop_scale))
+    keys = [(i, derive_seed(cfg.seed, -2, v, i)) for v in range(views) for i in range(n)]
+    loader = DataLoader(dataset, batch_sampler=[keys[k:k + cfg.eval_batch_size] for k in range(0, len(keys), cfg.eval_batch_size)],
+                        num_workers=_workers(cfg.num_workers), pin_memory=model.device.type == "cuda")
+    out, done = [], 0
+    was_training = model.training
+    model.eval()
+    try:
+        for images, _ in loader:
+            if stop is not None and stop.is_set():
+                return None
+            with _autocast(model.device, cfg.precision):
+                out.append(model.encode_image(images.to(model.device, non_blocking=True)).features.float())
+            done += len(images)
+            if progress is not None:
+                progress({"type": "features", "done": done, "total": len(keys)})
+    finally:
+        model.train(was_training)
+    return torch.cat(out).view(views, n, -1)
 
 
 def train(
@@ -520,18 +564,26 @@ def train(
     show_bar = progress is None and dinfo.is_main and sys.stderr.isatty()
 
     t_start, images_seen, stopped = time.perf_counter(), 0, False
+    features = None
+    if cfg.cached_views and start_epoch < cfg.epochs:
+        features = cached_image_features(model, items, cfg, progress if dinfo.is_main else None, stop)
+        stopped = features is None
+    labels_of = torch.tensor([d.label for d in items], dtype=torch.long)
     model.train()
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs if not stopped else start_epoch):
         lr = lr_at(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         seed_everything(derive_seed(cfg.seed, epoch, -1))
         steps = plan_epoch(len(items), cfg, epoch, dinfo.rank, dinfo.world_size)
-        loader = DataLoader(
-            dataset, batch_sampler=[mb for s in steps for mb in s.micro], num_workers=_workers(cfg.num_workers),
-            pin_memory=device.type == "cuda",
-        )
-        batches = iter(loader)
+        if features is None:
+            batches = iter(DataLoader(
+                dataset, batch_sampler=[mb for s in steps for mb in s.micro], num_workers=_workers(cfg.num_workers),
+                pin_memory=device.type == "cuda",
+            ))
+        else:  # one cached view per image, drawn by the image's sample seed of this epoch
+            batches = iter([(features[torch.tensor([seed % cfg.cached_views for _, seed in mb]), torch.tensor([i for i, _ in mb])],
+                             labels_of[[i for i, _ in mb]]) for s in steps for mb in s.micro])
         bar = None
         if show_bar:
             from tqdm import tqdm
@@ -549,11 +601,12 @@ def train(
             for j, weight in enumerate(step.weights):
                 images, labels = next(batches)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                vision = VisionOutput(images, None, 0) if features is not None else None
                 last = j == len(step.weights) - 1
                 sync = objective.no_sync() if dinfo.enabled and not last else nullcontext()
                 with sync:
                     with autocast:
-                        result = objective(images, labels, names)
+                        result = objective(None if vision is not None else images, labels, names, vision=vision)
                     loss = result["loss"].float()
                     (loss * weight * dinfo.world_size).backward()
                 stats[0] += loss.detach().double() * len(labels)
@@ -577,7 +630,7 @@ def train(
                 bar.update(1)
             if dinfo.is_main:
                 if progress is not None:
-                    progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": global_step, "epoch_step": s + 1,
+                    progress({"type": "step", "epoch": epoch + 1, "epochs": cfg.epochs, "step": global_step, "epoch_step": s + 1,
                               "total_steps": total_steps, "loss": step_loss, "lr": lr, "acc": acc})
                 if global_step % cfg.log_every == 0:
                     elapsed = time.perf_counter() - t_epoch
@@ -677,6 +730,6 @@ def evaluate(
 
 
 __all__ = [
-    "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult", "evaluate", "gpa_weights", "load_train_config",
+    "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult", "cached_image_features", "evaluate", "gpa_weights", "load_train_config",
     "load_train_preset", "lr_at", "plan_epoch", "train", "train_preset_path",
 ]

@@ -109,6 +109,13 @@ class PMPOModel(nn.Module):
         self.clip.eval()
         return self
 
+    @property
+    def frozen_image_side(self) -> bool:
+        """True when no learnable tensor acts inside the image tower (no visual prompts): the image
+        features then depend on the image alone, so training may compute them once per image
+        (``TrainConfig.cached_views``) — CoOp, KgCoOp and CoCoOp (whose meta-net reads them)."""
+        return self.prompts is None or not self.prompts.segments
+
     def learnable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.prompts.parameters()] if self.prompts is not None else []
 
@@ -332,12 +339,20 @@ class PMPOModel(nn.Module):
         cw = self.class_weights(classnames)
         return self.logits_from(self.encode_image(images), cw)
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> dict[str, torch.Tensor]:
+    def loss(self, images: torch.Tensor | None, labels: torch.Tensor, classnames: Sequence[str],
+             vision: VisionOutput | None = None) -> dict[str, torch.Tensor]:
         """Training objective: CE, plus per-prompt auxiliary CE (β), prior consistency (λ) and
-        PromptSRC's self-regulating terms (L1 text, L1 image, KL logits), each with its own weight."""
+        PromptSRC's self-regulating terms (L1 text, L1 image, KL logits), each with its own weight.
+
+        ``vision`` replaces the image pass with features computed earlier; only valid when the
+        image side is frozen (:attr:`frozen_image_side`), where they are the same numbers."""
         cfg = self.cfg
         cw = self.class_weights(classnames)
-        vision = self.encode_image(images)
+        if vision is None:
+            vision = self.encode_image(images)
+        elif not self.frozen_image_side or cfg.uses_teacher:
+            raise InputError(f"method {cfg.method!r} learns inside the image tower: its image features "
+                             "cannot be computed ahead of the step")
         views = vision if isinstance(vision, list) else [vision]
         feats = [F.normalize(v.features.float(), dim=-1) for v in views]
         prompts = cw.prompts  # [N, C, D], or [B, N, C, D] per image with a meta-net

@@ -240,6 +240,63 @@ def test_gradient_accumulation_gives_the_same_training(backbone, colours):
         assert torch.allclose(p, q, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_cached_views_train_exactly_as_the_image_pass_would(backbone, colours, method, monkeypatch):
+    """With a deterministic transform, one cached view is the image pass itself: same prompts after
+    training. The image tower then runs once per image, not once per step."""
+    from pmpo.model import PMPOModel
+
+    eval_transform = PMPOModel.eval_transform
+    monkeypatch.setattr(PMPOModel, "train_transform", lambda self, min_crop_scale=0.08: eval_transform(self))
+    a, b = make(backbone, method), make(backbone, method)
+    cfg = dict(epochs=2, lr=0.05, batch_size=4)
+    train(a, colours.train, colours.classnames, fast_cfg(**cfg))
+    passes = []
+    hook = b.vision.visual.transformer.resblocks[0].register_forward_pre_hook(lambda _m, args: passes.append(args[0].shape[0]))
+    events = []
+    try:
+        result = train(b, colours.train, colours.classnames, fast_cfg(cached_views=1, **cfg), progress=events.append)
+    finally:
+        hook.remove()
+    for p, q in zip(a.learnable_parameters(), b.learnable_parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    assert len(result.history) == 2 and sum(passes) == len(colours.train)
+    assert events[0]["type"] == "features" and events[0]["total"] == len(colours.train)
+    assert {e["type"] for e in events} == {"features", "step"}
+
+
+def test_cached_views_draw_each_view_and_refuse_visual_prompts(backbone, colours, tmp_path):
+    from PIL import Image
+
+    from pmpo.engine import cached_image_features
+
+    model = make(backbone, "coop")
+    cfg = fast_cfg(cached_views=3, epochs=1)
+    noise = []  # textured images, so that crops and flips change the features
+    for i in range(4):
+        path = tmp_path / f"noise{i}.png"
+        Image.fromarray(torch.randint(0, 256, (40, 40, 3), generator=torch.Generator().manual_seed(i),
+                                      dtype=torch.uint8).numpy()).save(path)
+        noise.append(Datum(str(path), i % 2, "ab"[i % 2]))
+    views = []
+    hook = model.vision.visual.transformer.resblocks[0].register_forward_pre_hook(lambda _m, args: views.append(args[0].shape[0]))
+    try:
+        feats = cached_image_features(model, noise, cfg)
+    finally:
+        hook.remove()
+    assert feats.shape[:2] == (3, len(noise)) and sum(views) == 3 * len(noise)
+    assert not torch.allclose(feats[0], feats[1])  # each view its own augmentation
+    assert torch.equal(feats, cached_image_features(model, noise, cfg))  # seeded: the same views again
+    with pytest.raises(InputError, match="visual prompts"):
+        train(make(backbone, "pmpo"), colours.train, colours.classnames, cfg)
+    stop = threading.Event()
+    stop.set()
+    result = train(model, colours.train, colours.classnames, cfg, stop=stop)
+    assert result.stopped and result.history == []
+    with pytest.raises(InputError, match="cached_views"):
+        TrainConfig(cached_views=-1)
+
+
 def test_bad_inputs_are_clear_errors(backbone, colours):
     model = make(backbone, "coop")
     with pytest.raises(InputError, match="no images"):

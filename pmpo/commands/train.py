@@ -53,10 +53,15 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int)
     g.add_argument("--min-crop-scale", type=float,
                    help="smallest area fraction of the train crop (default 0.08, CoOp's protocol)")
+    g.add_argument("--cached-views", type=int, metavar="K",
+                   help="methods without visual prompts (CoOp, KgCoOp, CoCoOp): encode K augmented views of every "
+                        "image once, then every step is a text pass (default 0: fresh augmentations every step, "
+                        "as the authors' code; not their protocol, see docs/RECIPES.md)")
 
 
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "warmup_epochs",
-                 "warmup_lr", "grad_accum", "precision", "num_workers", "eval_batch_size", "min_crop_scale")
+                 "warmup_lr", "grad_accum", "precision", "num_workers", "eval_batch_size", "min_crop_scale",
+                 "cached_views")
 
 
 def add_template_arg(parser: argparse.ArgumentParser) -> None:
