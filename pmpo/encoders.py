@@ -127,14 +127,18 @@ class TextEncoder(nn.Module):
             return pooled
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
-    def encode_tokens(self, tokens: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-        """Exact equivalent of open_clip's ``encode_text`` (unnormalised), truncated and chunked."""
+    def encode_tokens(self, tokens: torch.Tensor, chunk: int = 2048,
+                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Exact equivalent of open_clip's ``encode_text`` (unnormalised), truncated and chunked;
+        ``progress(done, total)`` after every chunk of sequences."""
         outs = []
         for start in range(0, tokens.shape[0], chunk):
             part = tokens[start:start + chunk]
             eot = self.eot_positions(part)
             length = int(eot.max()) + 1
             outs.append(self(self.embed(part[:, :length]), eot))
+            if progress is not None:
+                progress(start + len(part), tokens.shape[0])
         return torch.cat(outs) if outs else torch.empty(0, self.output_dim, device=tokens.device)
 
     @property

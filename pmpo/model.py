@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from .errors import InputError
 from .prompts import PromptLearner
 
 CACHE_SIZE = 16
+# Sequences per text call when no gradient flows: bounds the memory of a long class list (a
+# 1000-class PMPO list is 4 × 1000 prompted sequences) and paces progress reports.
+TEXT_CHUNK = 512
 # Sequences per text call when per-image prompts (CoCoOp) are encoded without gradients: bounds the
 # memory of evaluating B images × C classes (ImageNet: 100 × 1000) while keeping calls large.
 CONDITIONAL_TEXT_CHUNK = 4096
@@ -146,7 +149,8 @@ class PMPOModel(nn.Module):
         return self.text.embed(tokens)[0, 1:eot].float().cpu()
 
     @torch.no_grad()
-    def prior_features(self, classnames: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+    def prior_features(self, classnames: Sequence[str], templates: Sequence[str] | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """t0 [C, D]: normalised mean of normalised template features (CLIP's ensembling)."""
         names = clean_classnames(classnames)
         templates = list(templates or self.templates)
@@ -155,7 +159,7 @@ class PMPOModel(nn.Module):
             self._prior_cache.move_to_end(key)
             return self._prior_cache[key]
         texts = [t.format(n) for t in templates for n in names]
-        feats = F.normalize(self.text.encode_tokens(self.text.tokenize(texts)).float(), dim=-1)
+        feats = F.normalize(self.text.encode_tokens(self.text.tokenize(texts), TEXT_CHUNK, progress).float(), dim=-1)
         prior = F.normalize(feats.view(len(templates), len(names), -1).mean(0), dim=-1)
         self._cache_put(self._prior_cache, key, prior)
         return prior
@@ -215,7 +219,8 @@ class PMPOModel(nn.Module):
             tails.append(tokens[0, 1 + self.prompts.n_ctx:eot].cpu())
         return tails
 
-    def prompt_features(self, classnames: Sequence[str], shift: torch.Tensor | None = None) -> torch.Tensor:
+    def prompt_features(self, classnames: Sequence[str], shift: torch.Tensor | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """t_i [N, C, D]: all N prompts × C classes in one batched, truncated text pass.
 
         ``shift`` [B, d_t] (CoCoOp's π(x)) is added to every context token, image by image: the result
@@ -235,8 +240,19 @@ class PMPOModel(nn.Module):
         eot = eot.expand(n, -1).reshape(-1)
         deep = self.prompts.deep_text_prompts(c)
         ctx = self.prompts.ctx.to(frozen.dtype)  # [N, M, d]
-        if shift is None:
+        if shift is None and (torch.is_grad_enabled() or n * c <= TEXT_CHUNK):
             return self._encode_contexts(frozen, ctx[None], eot, deep)[0]
+        if shift is None:  # no gradient, many classes: calls of ~TEXT_CHUNK sequences, classes in order
+            step = max(1, TEXT_CHUNK // n)
+            eot = eot.view(n, c)
+            parts = []
+            for i in range(0, c, step):
+                size = min(step, c - i)
+                parts.append(self._encode_contexts(frozen[:, i:i + size], ctx[None], eot[:, i:i + size].reshape(-1),
+                                                   self.prompts.deep_text_prompts(size))[0])
+                if progress is not None:
+                    progress(min(c, i + step) * n, c * n)
+            return torch.cat(parts, dim=1)
         contexts = ctx[None] + shift.to(frozen.dtype)[:, None, None, :]  # [B, N, M, d]
         step = contexts.shape[0] if torch.is_grad_enabled() else max(1, CONDITIONAL_TEXT_CHUNK // (n * c))
         return torch.cat([self._encode_contexts(frozen, contexts[i:i + step], eot, deep)
@@ -256,13 +272,15 @@ class PMPOModel(nn.Module):
         feats = self.text(x, eot.repeat(b), deep, prompt_slice=slice(1, 1 + m))
         return F.normalize(feats.float(), dim=-1).view(b, n, c, -1)
 
-    def class_weights(self, classnames: Sequence[str], templates: Sequence[str] | None = None) -> ClassWeights:
+    def class_weights(self, classnames: Sequence[str], templates: Sequence[str] | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> ClassWeights:
         """Combined class weights; cached per (class list, templates, prompt version) unless
         gradients are flowing. ``templates`` overrides ``self.templates`` for this call only, so
-        concurrent callers (the app) never need to mutate shared state."""
+        concurrent callers (the app) never need to mutate shared state. ``progress(done, total)``
+        follows the text passes in sequences (prior, then prompts) when no gradient flows."""
         names = clean_classnames(classnames)
         templates = tuple(templates or self.templates)
-        prior = self.prior_features(names, templates)
+        prior = self.prior_features(names, templates, progress)
         if not self.cfg.uses_text_prompts or self.cfg.alpha == 1.0:
             return ClassWeights(prior, None, prior, tuple(names))
         cacheable = not torch.is_grad_enabled()
@@ -270,7 +288,7 @@ class PMPOModel(nn.Module):
         if cacheable and key in self._weight_cache:
             self._weight_cache.move_to_end(key)
             return self._weight_cache[key]
-        prompts = self.prompt_features(names)
+        prompts = self.prompt_features(names, progress=progress)
         weights = self._mix(prompts, prior)
         result = ClassWeights(weights, prompts, prior, tuple(names), self.cfg.uses_meta_net)
         if cacheable:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from pmpo.app import attention, benchmarks, classify, embeddings, inputs
+from pmpo.app.features import image_digest, preprocess
 from pmpo.app import state as app_state
 from pmpo.app import train as train_tab
 from pmpo.app.state import UNTRAINED, AppState, BackboneSpec, LRU, example_images, label_from_filename, open_state
@@ -187,7 +188,7 @@ def test_classify_views_match_the_model(state, pictures):
     model = entry.model
     images = [Image.open(p).convert("RGB") for p in pictures[:3]]
     scores = classify.score(state, entry, images, ["a", "b", "c"], CLASSES, TEMPLATES)
-    x = classify.preprocess(model, images)
+    x = preprocess(model, images)
     with torch.no_grad():
         zero = model.zero_shot_logits(x, CLASSES).softmax(-1)
         learned = model(x, CLASSES).softmax(-1)
@@ -201,6 +202,51 @@ def test_classify_views_match_the_model(state, pictures):
     data = classify.as_json(scores, 5)
     assert data["classes"] == CLASSES and len(data["images"][0]["learned"]) == 3
     assert classify.bar_chart(scores, 3) is not None
+
+
+@pytest.mark.parametrize("method", ["pmpo", "coop", "cocoop"])
+def test_each_image_goes_through_the_tower_once_across_tabs(state, pictures, tmp_path, method):
+    """Classify runs one plain and (with visual prompts) one prompted pass per image; the same
+    images again, or in Embeddings, run none; a renamed copy is the same content; no visual
+    prompts (CoOp, CoCoOp): no prompted pass at all."""
+    backbone = state.backbone()
+    torch.manual_seed(1)
+    model = build_model(PMPOConfig(method=method, model=backbone.model_name, pretrained="none"), backbone=backbone)
+    path = tmp_path / f"{method}-once.safetensors"
+    model.save(str(path))
+    entry = state.model(None, state.add_checkpoint_file(str(path)))
+    images = [Image.open(p).convert("RGB") for p in pictures[:3]]
+    shift = 1 + ["pmpo", "coop", "cocoop"].index(method)  # content no other test (or parameter) has sent
+    images = [Image.fromarray(np.roll(255 - np.asarray(im), shift, axis=1)) for im in images]
+    counted = []
+    hook = backbone.clip.visual.transformer.resblocks[0].register_forward_pre_hook(
+        lambda _m, args: counted.append(args[0].shape[0]))
+    try:
+        first = classify.score(state, entry, images, ["a", "b", "c"], CLASSES, TEMPLATES)
+        passes_first = sum(counted)
+        again = classify.score(state, entry, [im.copy() for im in images], ["x", "y", "z"], CLASSES, TEMPLATES)
+        embeddings.collect(state, entry, images, pictures[:3], ["a", "b", "c"], CLASSES, TEMPLATES)
+    finally:
+        hook.remove()
+    visual = not entry.model.frozen_image_side
+    assert passes_first == 3 * (2 if visual else 1) and first.passes == passes_first
+    assert sum(counted) == passes_first and again.passes == 0  # nothing recomputed
+    assert first.shared == (not visual)
+    for view in classify.VIEWS:
+        assert torch.allclose(first.probs[view], again.probs[view])
+    x = preprocess(entry.model, images)
+    with torch.no_grad():
+        assert torch.allclose(first.probs["learned"], entry.model(x, CLASSES).softmax(-1), atol=1e-5)
+    assert image_digest(images[0]) == image_digest(images[0].copy()) != image_digest(images[1])
+
+
+def test_long_class_lists_report_text_progress(state):
+    entry = state.model()
+    names = [f"object number {i}" for i in range(700)]
+    seen = []
+    classify.score(state, entry, [Image.new("RGB", (32, 32), (9, 99, 199))], ["a"], names, TEMPLATES,
+                   progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1][0] == seen[-1][1] and len(seen) >= 3
 
 
 @pytest.mark.parametrize("method", ["cocoop", "vpt", "ivlp", "promptsrc"])
@@ -218,7 +264,7 @@ def test_every_new_method_runs_in_every_tab(state, pictures, tmp_path, method):
     entry = state.model(None, state.add_checkpoint_file(str(path)))
     images = [Image.open(p).convert("RGB") for p in pictures[:2]]
     scores = classify.score(state, entry, images, ["a", "b"], CLASSES, TEMPLATES)
-    x = classify.preprocess(entry.model, images)
+    x = preprocess(entry.model, images)
     with torch.no_grad():
         assert torch.allclose(scores.probs["learned"], entry.model(x, CLASSES).softmax(-1), atol=1e-5)
     assert (scores.per_prompt is None) == (method == "vpt")

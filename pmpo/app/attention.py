@@ -27,7 +27,7 @@ from PIL import Image
 from pmpo.encoders import VisionOutput
 from pmpo.errors import InputError
 
-from .classify import preprocess
+from .features import preprocess
 from .state import AppState, LoadedModel
 
 

@@ -9,13 +9,14 @@ Three views of one image batch, all from one prompt model:
   ``normalise((1 − α)·mean_i t_i + α·t0)``, i.e. the model's actual prediction;
 
 plus what each of the N prompts would predict alone (its class embeddings only).
-The image tower runs twice per batch (plain and prompted); the text side is cached.
+Image features come from the app's shared feature store (one pass per image at most, plain and
+prompted; the prompted pass only for methods with visual prompts); the text side is cached.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,59 +39,51 @@ class Scores:
     per_prompt: torch.Tensor | None
     segments: list[tuple[int, int]]
     learned_label: str
-
-
-def preprocess(model, images: Sequence[Image.Image]) -> torch.Tensor:
-    transform = model.eval_transform()
-    return torch.stack([transform(im.convert("RGB")) for im in images]).to(model.device)
-
-
-def prompted_features(model, x: torch.Tensor) -> list[torch.Tensor]:
-    """Normalised prompted image features: one [B, D] (single pass) or N of them (per_prompt)."""
-    out = model.encode_image(x)
-    views = out if isinstance(out, list) else [out]
-    return [F.normalize(v.features.float(), dim=-1) for v in views]
+    shared: bool = False  # no visual prompts: the "prior (prompted image)" column is zero-shot's
+    passes: int = 0  # image-tower passes the request ran
 
 
 @torch.no_grad()
 def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], image_names: Sequence[str],
-          classnames: list[str], templates: list[str], batch_size: int = 32) -> Scores:
-    """All views for ``images``; holds the model's lock (its text caches are not thread-safe)."""
+          classnames: list[str], templates: list[str],
+          progress: Callable[[int, int], None] | None = None) -> Scores:
+    """All views for ``images``: at most one plain and one prompted image pass per image (none for
+    images the app has seen: :mod:`app.features`), and none of them for a method without visual
+    prompts beyond the plain one. Holds the model's lock while the text side runs (its caches are
+    not thread-safe); ``progress(done, total)`` follows the text passes of a new class list."""
     model = entry.model
+    views = state.features.views(entry, images)
+    plain, feats = views.plain, views.prompted
+    scale = model.logit_scale
     with entry.lock:
-        cw = state.class_weights(entry, classnames, templates)
-        scale = model.logit_scale
-        rows: dict[str, list[torch.Tensor]] = {v: [] for v in VIEWS}
-        per_prompt: list[torch.Tensor] = []
-        for start in range(0, len(images), batch_size):
-            x = preprocess(model, images[start:start + batch_size])
-            plain = model.plain_image_features(x)
-            feats = prompted_features(model, x)
-            rows[VIEWS[0]].append(scale * plain @ cw.prior.t())
-            rows[VIEWS[1]].append(scale * torch.stack([f @ cw.prior.t() for f in feats]).mean(0))
-            if cw.conditional:  # CoCoOp: per-image class weights, from the model's own per-image pass
-                learned = model.logits_from(model.encode_image(x), cw)
-                per_prompt.append(model.per_prompt_logits(x, classnames))
-            elif cw.prompts is not None:
-                alpha = model.cfg.alpha
+        cw = state.class_weights(entry, classnames, templates, progress)
+        zero_shot = scale * plain @ cw.prior.t()
+        prior_view = zero_shot if views.shared else scale * torch.stack([f @ cw.prior.t() for f in feats]).mean(0)
+        per_prompt = None
+        if cw.conditional:  # CoCoOp: per-image class weights from the (frozen) image feature, one text pass
+            weights, prompts = model.conditional_weights(plain, cw)
+            learned = scale * torch.einsum("bd,bcd->bc", plain, weights)
+            per_prompt = torch.stack([scale * torch.einsum("bd,bcd->bc", plain, prompts[:, i]) for i in range(prompts.shape[1])])
+        elif cw.prompts is not None:
+            alpha = model.cfg.alpha
+            if len(feats) == 1:
+                learned = scale * feats[0] @ cw.weights.t()
+            else:
                 # Prompt i's view of the image (its own pass under per_prompt) meets its class
                 # embeddings mixed with the prior, as in PMPOModel.logits_from.
                 mixed = [F.normalize((1 - alpha) * cw.prompts[i] + alpha * cw.prior, dim=-1) for i in range(len(cw.prompts))]
-                if len(feats) == 1:
-                    learned = scale * feats[0] @ cw.weights.t()
-                else:
-                    learned = scale * torch.stack([feats[i] @ mixed[i].t() for i in range(len(feats))]).mean(0)
-                per_prompt.append(torch.stack([
-                    scale * feats[i if len(feats) > 1 else 0] @ cw.prompts[i].t() for i in range(len(cw.prompts))
-                ]))
-            else:
-                learned = scale * feats[0] @ cw.weights.t()
-            rows[VIEWS[2]].append(learned)
-    probs = {v: torch.cat(r).softmax(-1).cpu() for v, r in rows.items()}
+                learned = scale * torch.stack([feats[i] @ mixed[i].t() for i in range(len(feats))]).mean(0)
+            per_prompt = torch.stack([
+                scale * feats[i if len(feats) > 1 else 0] @ cw.prompts[i].t() for i in range(len(cw.prompts))
+            ])
+        else:
+            learned = scale * feats[0] @ cw.weights.t()
+    rows = {VIEWS[0]: zero_shot, VIEWS[1]: prior_view, VIEWS[2]: learned}
+    probs = {v: r.softmax(-1).cpu() for v, r in rows.items()}
     segments = list(model.prompts.segments) if model.prompts is not None else []
     return Scores(list(classnames), list(image_names), probs,
-                  torch.cat(per_prompt, dim=1).softmax(-1).cpu() if per_prompt else None,
-                  segments, f"learned ({entry.choice})")
+                  per_prompt.softmax(-1).cpu() if per_prompt is not None else None,
+                  segments, f"learned ({entry.choice})", views.shared, views.passes)
 
 
 def topk_rows(scores: Scores, k: int) -> list[list]:

@@ -19,7 +19,6 @@ from PIL import Image
 
 from pmpo.errors import InputError
 
-from .classify import preprocess, prompted_features
 from .state import AppState, LoadedModel, label_from_filename
 
 METHODS = ("UMAP", "PCA", "t-SNE")
@@ -40,14 +39,14 @@ def collect(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], 
     if len(classnames) > MAX_EMBED_CLASSES:
         raise InputError(f"The embedding map takes at most {MAX_EMBED_CLASSES} classes ({len(classnames)} given).")
     model = entry.model
+    views = state.features.views(entry, images)  # no image pass for images another tab has seen
+    plain, feats = views.plain, views.prompted
     with entry.lock:
         cw = state.class_weights(entry, classnames, templates)
-        x = preprocess(model, images)
-        plain = model.plain_image_features(x)
-        feats = prompted_features(model, x)
-        # CoCoOp's class weights depend on the image: its predictions come from its own per-image pass
-        # (the text points shown are its context without the per-image shift).
-        conditional = model.logits_from(model.encode_image(x), cw) if cw.conditional else None
+        # CoCoOp's class weights depend on the image: its predictions come from its per-image text
+        # pass (the text points shown are its context without the per-image shift).
+        conditional = (torch.einsum("bd,bcd->bc", plain, model.conditional_weights(plain, cw)[0])
+                       if cw.conditional else None)
     prompted = torch.stack(feats).mean(0)
     prompted = prompted / prompted.norm(dim=-1, keepdim=True)
     combined = conditional if conditional is not None else torch.stack([f @ cw.weights.t() for f in feats]).mean(0)

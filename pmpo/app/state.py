@@ -37,6 +37,8 @@ from pmpo.config import PMPOConfig
 from pmpo.errors import BackboneLoadError, CheckpointError, InputError, PMPOError
 from pmpo.model import ClassWeights, PMPOModel, build_model
 
+from .features import ImageFeatures
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-B-16-quickgelu"
@@ -157,6 +159,17 @@ class LoadedModel:
     lock: threading.RLock = field(default_factory=threading.RLock)
     uid: int = field(default_factory=itertools.count().__next__)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The prompts' identity for feature caches: config and tensor bytes (served models never
+        change; a trained one is a new file, hence a new entry)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.model.cfg.to_json().encode())
+        for name, tensor in sorted((self.model.prompts.state_dict() if self.model.prompts is not None else {}).items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     @property
     def description(self) -> str:
         m = self.model
@@ -204,6 +217,8 @@ class AppState:
         self._startup_checkpoints: dict[str, str] = {}
         self._sessions: LRU[str, LRU[str, str]] = LRU(MAX_SESSIONS, on_evict=self._session_evicted)
         self._load_lock = threading.RLock()
+        # Image features shared by every tab and session (keyed by content, backbone and prompts).
+        self.features = ImageFeatures()
 
     # --- backbones -----------------------------------------------------------------------------
     def add_backbone(self, spec: BackboneSpec, backbone: Backbone) -> None:
@@ -362,12 +377,13 @@ class AppState:
         return LoadedModel(model.eval(), choice, spec, notices)
 
     # --- text features ----------------------------------------------------------------------------
-    def class_weights(self, entry: LoadedModel, names: list[str], templates: list[str]) -> ClassWeights:
+    def class_weights(self, entry: LoadedModel, names: list[str], templates: list[str],
+                      progress: Callable[[int, int], None] | None = None) -> ClassWeights:
         """Class weights with *these* templates, without touching ``model.templates``; the model
         caches them (bounded, keyed by names, templates and prompt version). Call with
         ``entry.lock`` held: the model's caches are not thread-safe."""
         with torch.no_grad():
-            return entry.model.class_weights(names, templates)
+            return entry.model.class_weights(names, templates, progress)
 
 
 def _backbone_key(model: str) -> str:

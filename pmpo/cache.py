@@ -1,0 +1,75 @@
+"""A bounded, thread-safe store of tensors, for results that are expensive to recompute.
+
+Frozen image features depend only on the image and the backbone, prompted ones on the image, the
+backbone and the prompts; a server that keeps them answers a repeated question without running
+the image tower. This object is passed to whoever computes (it is never hidden in a model), is
+bounded in bytes rather than entries (a 1000-class weight matrix and a 512-number feature differ
+by three orders of magnitude), and evicts the least recently used entries first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Hashable
+
+import torch
+
+
+class TensorCache:
+    """Least-recently-used map from hashable keys to tensors, holding at most ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes = int(max_bytes)
+        self._data: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _size(value: torch.Tensor) -> int:
+        return value.numel() * value.element_size()
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        """Store ``value`` (detached); one larger than the whole budget is not kept."""
+        value = value.detach()
+        size = self._size(value)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= self._size(old)
+            self._data[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, evicted = self._data.popitem(last=False)
+                self._bytes -= self._size(evicted)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
+
+__all__ = ["TensorCache"]
