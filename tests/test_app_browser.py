@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pmpo.app.launcher import stop
-from pmpo.app.state import EXAMPLE_TRAIN_PER_CLASS
+from pmpo.app.train import FASHION_PER_CLASS
 from test_app_client import launch_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -151,12 +151,26 @@ def test_every_tab_main_flow(page, served):
     assert "Internal error" not in page.content()
 
     page.get_by_role("tab", name="Train").click()
-    page.locator("#train-examples-btn").click()
-    expect(page.locator("#train-files")).to_contain_text(f"yellow_diamond_{EXAMPLE_TRAIN_PER_CLASS}")
+    page.locator("#train-examples-btn").click()  # a real-photo set on a backbone other than the offline model
+    expect(page.locator("#train-files")).to_contain_text(f"ankle_boot_{FASHION_PER_CLASS}")
+    expect(page.locator("#train-summary")).to_contain_text("ankle boot")  # counts per class, not a row per file
+    expect(page.locator("#train-estimate")).to_contain_text("per epoch")  # measured on this backbone
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.evaluate("window.scrollTo(0, 0)")
+    for button in ("#train-btn", "#cancel-btn"):  # both on screen without scrolling
+        box = page.locator(button).bounding_box()
+        assert box is not None and box["y"] + box["height"] <= 900, (button, box)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.locator("#train-epochs input[type=number]").fill("50")
+    page.locator("#train-budget input[type=number]").fill("0")
     page.locator("#train-btn").click()
     status = page.locator("#train-status")
-    expect(status).to_contain_text("Held-out accuracy", timeout=300_000)
-    assert "zero-shot" in status.inner_text()
+    expect(status).to_contain_text("held-out: zero-shot", timeout=300_000)  # an early comparison, mid-run
+    assert "left" in status.inner_text()  # with an ETA
+    page.locator("#cancel-btn").click()
+    expect(status).to_contain_text("Held-out accuracy", timeout=120_000)
+    assert "Cancelled" in status.inner_text() and "saved" in status.inner_text()
+    assert page.locator("#checkpoint input").input_value().startswith("trained: ")  # the kept prompts are selected
 
     page.get_by_role("tab", name="Benchmarks").click()
     expect(page.locator("#benchmarks-status")).to_contain_text("reference rows")

@@ -138,9 +138,10 @@ def test_train_streams_progress_and_offers_checkpoint(client, images):
     job = client.submit(train_files=[handle_file(p) for p in images[:4]], zip_file=None, method="coop", epochs=1,
                         api_name="/train")
     outputs = job.outputs() if job.result() is not None else []
-    final_status, _, checkpoint, dropdown = outputs[-1]
+    final_status, _, report, checkpoint, dropdown = outputs[-1]
     assert len(outputs) >= 2  # a first message, then progress
-    assert "Finished 1 epoch" in final_status, final_status
+    assert "Finished after" in final_status and "(1 full epoch(s))" in final_status, final_status
+    assert report["done"] and report["checkpoint"] == dropdown["value"]  # (one image per class: none held out)
     assert checkpoint and Path(checkpoint).suffix == ".safetensors"
     choice = dropdown["value"] if isinstance(dropdown, dict) else dropdown  # a gr.update selecting the new prompts
     assert choice.startswith("trained: ") and choice in (dropdown.get("choices") and [c[0] for c in dropdown["choices"]])
@@ -158,7 +159,7 @@ def test_uploaded_checkpoint_is_seen_by_its_session_only(served, client, images)
 
     job = client.submit(train_files=[handle_file(p) for p in images[:4]], zip_file=None, method="coop", epochs=1,
                         name="shared", api_name="/train")
-    _, _, checkpoint, _ = job.outputs()[-1] if job.result() is not None else (None,) * 4
+    _, _, _, checkpoint, _ = job.outputs()[-1] if job.result() is not None else (None,) * 5
     uploader, visitor = Client(served[0], verbose=False), Client(served[0], verbose=False)
     status, dropdown = uploader.predict(file=handle_file(checkpoint), api_name="/upload_checkpoint")
     assert status.startswith("Loaded **upload: shared.safetensors**"), status

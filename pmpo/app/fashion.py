@@ -1,10 +1,11 @@
 """A small real-image example set for real CLIP backbones: Fashion-MNIST test images.
 
 The ShapeWorld examples are read almost perfectly by a real CLIP (ViT-B/16, OpenAI weights), so
-they cannot show what prompt learning adds. Fashion-MNIST (Zalando, MIT licence) is a domain
-where zero-shot CLIP is weak — 28×28 grayscale product thumbnails of look-alike classes
-(shirt, t shirt, pullover, coat) — and a few labelled shots per class help, so it is the set the
-Train tab can use to show a gain over zero-shot on a real backbone.
+they cannot show what prompt learning adds. Fashion-MNIST (Zalando, MIT licence) is far from CLIP's
+web photos — 28×28 greyscale product thumbnails of look-alike classes (shirt, t shirt, pullover,
+coat) — the kind of domain where few-shot prompt learning gains most, so it is the set the Train tab
+offers on a real backbone. (Not measured here: no real CLIP weights reach the machines this project
+is built on; the demo benchmark measures speed on it, not accuracy.)
 
 The images are committed under ``examples/fashion_mnist/`` as ``<class>_<k>.png`` (spaces as
 ``_``, k = 1..16: the first 16 test images of each class in file order), so the Train tab reads

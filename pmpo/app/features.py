@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,11 @@ class ImageFeatures:
         prompted, n = self._lookup(("prompted", entry.spec, entry.fingerprint), digests, images, model, self._prompted)
         passes += n
         return ImageViews(plain, list(prompted.unbind(1)), False, passes)
+
+    def plain(self, spec: Hashable, model, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Normalised plain features [B, D] of ``images`` on the backbone ``spec`` names (a model
+        being trained has no served entry yet; its frozen features are everyone's)."""
+        return self._lookup(("plain", spec), [image_digest(im) for im in images], images, model, self._plain)[0]
 
     def _lookup(self, scope: tuple, digests: list[str], images: Sequence[Image.Image], model, compute) -> tuple[torch.Tensor, int]:
         found = [self.cache.get((*scope, d)) for d in digests]

@@ -31,7 +31,7 @@ from typing import Callable, Generic, Hashable, TypeVar
 
 import torch
 
-from pmpo.backbone import LOCAL_DIR, OFFLINE_MODEL, SHIPPED_MODELS, Backbone, load_backbone
+from pmpo.backbone import LOCAL_DIR, OFFLINE_MODEL, Backbone, load_backbone, resolve_model_name
 from pmpo.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
 from pmpo.config import PMPOConfig
 from pmpo.errors import BackboneLoadError, CheckpointError, InputError, PMPOError
@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "ViT-B-16-quickgelu"
 DEFAULT_PRETRAINED = "openai"
 UNTRAINED = "untrained PMPO (init)"
+DEFAULT_SHIPPED = "pmpo"  # shipped prompts selected at start when the backbone has them
 UPLOAD_PREFIX = "upload: "
 TRAINED_PREFIX = "trained: "
-CHECKPOINT_DIR = SHIPPED_MODELS  # checkpoints/*.safetensors are offered in the picker
+SHIPPED_PREFIX = "shipped: "
 MAX_SESSIONS = 64  # browser sessions whose uploads / trainings are kept (least recently used go first)
 MAX_SESSION_CHECKPOINTS = 8  # per session
 
@@ -195,7 +196,7 @@ class AppState:
         default_spec: BackboneSpec,
         notices: list[str] | None = None,
         cache_dir: str | Path | None = None,
-        checkpoint_dir: str | Path = CHECKPOINT_DIR,
+        shipped_dir: str | Path | None = None,
         max_backbones: int = 2,
         max_models: int = 6,
         default_choice: str = UNTRAINED,
@@ -208,7 +209,8 @@ class AppState:
         self.owns_cache_dir = not cache_dir and not os.environ.get("PMPO_CACHE_DIR")
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_dir = Path(checkpoint_dir)
+        # Prompts shipped beside the start-up backbone (trained on it): offered to everyone.
+        self.shipped_dir = Path(shipped_dir) if shipped_dir is not None else shipped_prompts_dir(default_spec)
         self.default_choice = default_choice
         self._backbones: LRU[BackboneSpec, Backbone] = LRU(max_backbones, on_evict=self._backbone_evicted)
         self._models: LRU[tuple, LoadedModel] = LRU(max_models)
@@ -219,6 +221,8 @@ class AppState:
         self._load_lock = threading.RLock()
         # Image features shared by every tab and session (keyed by content, backbone and prompts).
         self.features = ImageFeatures()
+        # Measured seconds per image / text pass of each backbone (the Train tab's estimates).
+        self.pass_costs: LRU[BackboneSpec, object] = LRU(max_backbones + 2)
 
     # --- backbones -----------------------------------------------------------------------------
     def add_backbone(self, spec: BackboneSpec, backbone: Backbone) -> None:
@@ -258,11 +262,16 @@ class AppState:
 
     # --- checkpoints -----------------------------------------------------------------------------
     def checkpoint_choices(self, session: str | None = None) -> list[str]:
-        """The picker's entries for one browser session: the untrained init, shipped files, the
-        checkpoint given at start, and that session's own uploads and trainings."""
-        shipped = sorted(p.name for p in self.checkpoint_dir.glob("*.safetensors")) if self.checkpoint_dir.is_dir() else []
+        """The picker's entries for one browser session: the untrained init, the prompts shipped
+        with the start-up backbone, the checkpoint given at start, and that session's own uploads
+        and trainings."""
         own = self._sessions.get(session) if session else None
-        return [UNTRAINED, *shipped, *self._startup_checkpoints, *(own.keys() if own is not None else [])]
+        return [UNTRAINED, *self.shipped_choices(), *self._startup_checkpoints, *(own.keys() if own is not None else [])]
+
+    def shipped_choices(self) -> list[str]:
+        folder = self.shipped_dir
+        names = sorted(p.stem for p in folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
+        return [SHIPPED_PREFIX + n for n in names]
 
     def checkpoint_path(self, choice: str, session: str | None = None) -> Path | None:
         if not choice or choice == UNTRAINED:
@@ -271,9 +280,8 @@ class AppState:
         extra = (own.get(choice) if own is not None else None) or self._startup_checkpoints.get(choice)
         if extra is not None:
             return Path(extra)
-        path = self.checkpoint_dir / choice
-        if path.suffix == ".safetensors" and path.parent == self.checkpoint_dir and path.is_file():
-            return path
+        if choice in self.shipped_choices():
+            return self.shipped_dir / f"{choice[len(SHIPPED_PREFIX):]}.safetensors"
         raise InputError(f"Unknown prompt checkpoint {choice!r}; pick one from the list or upload a .safetensors file.")
 
     def add_checkpoint_file(self, path: str | Path, prefix: str = UPLOAD_PREFIX, name: str | None = None,
@@ -343,7 +351,7 @@ class AppState:
         """The prompt model ``choice`` (as ``session`` sees it) on backbone ``spec``, built once and
         then cached by the file it comes from (two sessions may both have an "upload: x.safetensors")."""
         spec = spec or self.default_spec
-        choice = choice or UNTRAINED
+        choice = choice or self.default_choice
         path = _path or self.checkpoint_path(choice, session)
         stamp = path.stat().st_mtime_ns if path is not None else 0
         key = (spec, str(path) if path is not None else choice, stamp)
@@ -367,6 +375,8 @@ class AppState:
                 model = load_checkpoint(path, device=self.device, backbone=backbone)
             except CheckpointError as exc:
                 raise CheckpointError(str(exc).replace(str(path), repr(choice))) from exc
+            if choice.startswith(SHIPPED_PREFIX):
+                notices.append(shipped_note(choice, path))
             if _backbone_key(stored.model) != _backbone_key(backbone.model_name) or (
                 (stored.pretrained or "none") != (backbone.pretrained or "none") and not backbone.model_name.startswith(LOCAL_DIR)
             ):
@@ -384,6 +394,30 @@ class AppState:
         ``entry.lock`` held: the model's caches are not thread-safe."""
         with torch.no_grad():
             return entry.model.class_weights(names, templates, progress)
+
+
+def shipped_prompts_dir(spec: BackboneSpec) -> Path | None:
+    """``<folder>/prompts`` of a local backbone folder (the offline model ships trained prompts
+    there): prompts trained on that backbone, so offered with it and only with it."""
+    if not spec.model.startswith(LOCAL_DIR):
+        return None
+    folder = Path(spec.model[len(LOCAL_DIR):]) / "prompts"
+    return folder if folder.is_dir() else None
+
+
+def shipped_note(choice: str, path: Path) -> str:
+    """Where shipped prompts come from and how they scored, from their own metadata."""
+    import json
+
+    _, meta = read_checkpoint(path)
+    try:
+        acc, zs = json.loads(meta["test_accuracy"]), json.loads(meta["zeroshot_test_accuracy"])
+        classes = len(json.loads(meta.get("train_classes", "[]")))
+        return (f"**{choice}**: {meta.get('provenance', 'shipped prompts')}; trained on {classes} base classes, "
+                f"held-out test accuracy base {acc['base']:.1f} / new {acc['new']:.1f} % (zero-shot CLIP "
+                f"{zs['base']:.1f} / {zs['new']:.1f} %). Class-agnostic: they serve any class list.")
+    except (KeyError, ValueError, TypeError):
+        return f"**{choice}**: prompts shipped with this backbone."
 
 
 def _backbone_key(model: str) -> str:
@@ -411,7 +445,7 @@ def open_state(
     checkpoint: str | None = None,
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
-    checkpoint_dir: str | Path = CHECKPOINT_DIR,
+    shipped_dir: str | Path | None = None,
 ) -> AppState:
     """Load the start-up backbone, falling back (with a visible notice) when it cannot be had.
 
@@ -423,10 +457,7 @@ def open_state(
     if checkpoint and model is None:
         try:
             stored = checkpoint_config(checkpoint)
-            model, pretrained = stored.model, stored.pretrained
-            from pmpo.checkpoint import _relocate_local_dir
-
-            model = _relocate_local_dir(model)
+            model, pretrained = resolve_model_name(stored.model), stored.pretrained
         except PMPOError as exc:
             notices.append(f"**Checkpoint not loaded:** {exc}")
             checkpoint = None
@@ -472,8 +503,11 @@ def open_state(
     elif spec.pretrained in (None, "none") and not spec.model.startswith(LOCAL_DIR):
         notices.append(f"Running **{spec.label}**: random weights, predictions are meaningless (for speed tests).")
 
-    state = AppState(device, spec, notices, cache_dir=cache_dir, checkpoint_dir=checkpoint_dir)
+    state = AppState(device, spec, notices, cache_dir=cache_dir, shipped_dir=shipped_dir)
     state.add_backbone(spec, backbone)
+    default_shipped = SHIPPED_PREFIX + DEFAULT_SHIPPED
+    if default_shipped in state.shipped_choices():
+        state.default_choice = default_shipped  # the learned column shows learned prompts from the first click
     if checkpoint:
         try:
             choice = state.add_checkpoint_file(checkpoint)

@@ -25,8 +25,7 @@ from . import classify as classify_tab
 from . import embeddings as embeddings_tab
 from . import train as train_tab
 from .inputs import as_list, display_name, file_path, load_images, parse_classes, parse_templates
-from .state import (EXAMPLE_CLASSES, TRAIN_EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images,
-                    example_masks, example_training_images)
+from .state import EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images, example_masks
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,6 @@ def notices_md(*groups: list[str]) -> str:
 def build_demo(state: AppState) -> gr.Blocks:
     """The whole app; ``state`` holds the models and is shared by every session."""
     examples = example_images(state.cache_dir / "examples")
-    train_examples = example_training_images(state.cache_dir / "train-examples")
     jobs = train_tab.TrainJobs()
 
     def resolve(bb_model: str, bb_pretrained: str, choice: str, request: gr.Request | None):
@@ -181,10 +179,11 @@ def build_demo(state: AppState) -> gr.Blocks:
             names = []
         return gr.update(choices=[""] + names, value="")
 
-    def train(train_files, label_table, zip_file, folder, method, epochs, name, bb_model, bb_pretrained,
+    def train(train_files, label_table, zip_file, folder, method, epochs, time_budget, name, bb_model, bb_pretrained,
               request: gr.Request):
         key = (request.session_hash if request is not None else None) or uuid.uuid4().hex
         stop = None
+        empty_plot = train_tab.progress_frame([], {})
         try:
             if zip_file is not None:
                 items, names = train_tab.items_from_zip(zip_file, state.cache_dir / "uploads")
@@ -195,25 +194,40 @@ def build_demo(state: AppState) -> gr.Blocks:
             spec = BackboneSpec.of(bb_model, bb_pretrained)
             stop = jobs.start(key)
             yield (f"Training **{method}** on {len(items)} images of {len(names)} classes ({', '.join(names[:8])}"
-                   f"{'…' if len(names) > 8 else ''}) on {spec.label}…", None, None, gr.update())
-            shown = -1
+                   f"{'…' if len(names) > 8 else ''}) on {spec.label}…", empty_plot, {"phase": "starting"}, None, gr.update())
             for upd in train_tab.run_training(state, spec, method, int(epochs), items, names, stop, name=name,
-                                              session=key):
-                figure = train_tab.history_figure(upd.history) if len(upd.history) != shown or upd.done else gr.update()
-                shown = len(upd.history)
+                                              session=key, budget_s=float(time_budget or 0)):
                 if upd.error:
                     gr.Warning(upd.status)
                 dropdown = (gr.update(choices=state.checkpoint_choices(key), value=upd.choice) if upd.choice
                             else gr.update())
-                yield (("**Error:** " if upd.error else "") + upd.status, figure, upd.checkpoint, dropdown)
+                yield (("**Error:** " if upd.error else "") + upd.status, train_tab.progress_frame(upd.history, upd.report),
+                       upd.report, upd.checkpoint, dropdown)
         except Exception as exc:  # noqa: BLE001
             if not isinstance(exc, PMPOError):
                 log.exception("training failed")
             gr.Warning(error_text(exc))
-            yield f"**Error:** {error_text(exc)}", None, None, gr.update()
+            yield f"**Error:** {error_text(exc)}", empty_plot, {"error": error_text(exc)}, None, gr.update()
         finally:
             if stop is not None:
                 jobs.finish(key, stop)
+
+    def train_overview(train_files, label_table, method, epochs, time_budget, bb_model, bb_pretrained):
+        """Counts per class, one thumbnail per class and the estimate, for what is selected now."""
+        try:
+            rows = train_tab.class_summary(train_files, label_table)
+            thumbs = train_tab.class_thumbnails(train_files, label_table)
+            n_images = sum(r[1] for r in rows)
+            line = train_tab.describe_estimate(state, BackboneSpec.of(bb_model, bb_pretrained), method, n_images,
+                                               len(rows), int(epochs), float(time_budget or 0))
+        except Exception as exc:  # noqa: BLE001 - an overview must never break the page
+            if not isinstance(exc, PMPOError):
+                log.exception("train overview failed")
+            return pd.DataFrame(columns=train_tab.SUMMARY_HEADERS), [], f"*{error_text(exc)}*"
+        return pd.DataFrame(rows, columns=train_tab.SUMMARY_HEADERS), thumbs, line
+
+    def use_train_examples(bb_model, bb_pretrained):
+        return train_tab.example_set_for(BackboneSpec.of(bb_model, bb_pretrained), state.cache_dir / "train-examples")
 
     def cancel(request: gr.Request):
         key = request.session_hash if request is not None else None
@@ -290,36 +304,51 @@ def build_demo(state: AppState) -> gr.Blocks:
                         gr.Markdown("**Static view** (colour = class, marker = source)")
                         emb_figure = gr.Plot(show_label=False)
                     with gr.Tab("Train", id="train"):
-                        gr.Markdown("Few-shot prompt training on your images: upload files (labels guessed from the file "
-                                    "names, editable below), or a zip with one folder per class"
-                                    + (", or give a folder with class subfolders." if train_tab.local_paths_allowed() else "."))
-                        gr.Markdown("One image in four of every class is **held out** before training; the result "
-                                    "compares zero-shot CLIP with the trained prompts on those images only.")
-                        train_examples_btn = gr.Button(
-                            f"Use example training images (ShapeWorld, {len(TRAIN_EXAMPLE_CLASSES)} classes × "
-                            f"{len(train_examples) // len(TRAIN_EXAMPLE_CLASSES)})", size="sm", elem_id="train-examples-btn")
-                        gr.Markdown("The example classes are shapes whose names the offline model's plain prompt reads "
-                                    "swapped (its model card says why), so zero-shot CLIP gets them wrong while its image "
-                                    "features tell them apart: a gap a learned prompt can close (PMPO, 20 epochs: about a "
-                                    "minute on a 2-core CPU).", elem_id="train-examples-note")
+                        gr.Markdown("Few-shot prompt training on your images: files labelled by their names "
+                                    "(`golden_retriever_3.jpg` → *golden retriever*), or a zip with one folder per class. "
+                                    "One image in four per class is **held out**: the run scores the prompts on them, "
+                                    "beside zero-shot CLIP, while it trains.", elem_id="train-intro")
+                        with gr.Row(equal_height=False):
+                            with gr.Column(scale=2, min_width=280):
+                                train_files = gr.File(label="Training images", file_count="multiple", height=120,
+                                                      elem_id="train-files")
+                                with gr.Row():
+                                    train_examples_btn = gr.Button("Use example training images", size="sm",
+                                                                   elem_id="train-examples-btn")
+                                    train_zip = gr.File(label="…or a zip (class folders)", file_count="single",
+                                                        file_types=[".zip"], height=60, min_width=120)
+                                train_examples_note = gr.Markdown(train_tab.example_note(state.default_spec),
+                                                                  elem_id="train-examples-note")
+                            with gr.Column(scale=3, min_width=320):
+                                train_summary = gr.Dataframe(headers=train_tab.SUMMARY_HEADERS, interactive=False,
+                                                             max_height=170, label="Classes", elem_id="train-summary")
+                                train_thumbs = gr.Gallery(label="One image per class", columns=10, rows=1, height=84,
+                                                          allow_preview=False, show_label=False, elem_id="train-thumbs")
+                        with gr.Accordion("Edit labels (one row per file) or read a server folder", open=False):
+                            label_table = gr.Dataframe(headers=["file", "label"], datatype=["str", "str"],
+                                                       column_count=(2, "fixed"), interactive=True, max_height=260,
+                                                       label="Labels")
+                            train_folder = gr.Textbox(label="…or a local folder with class subfolders", value="",
+                                                      visible=train_tab.local_paths_allowed())
                         with gr.Row():
-                            train_files = gr.File(label="Training images", file_count="multiple", elem_id="train-files")
-                            train_zip = gr.File(label="…or a zip (class folders)", file_count="single", file_types=[".zip"])
-                        label_table = gr.Dataframe(headers=["file", "label"], datatype=["str", "str"], column_count=(2, "fixed"),
-                                                   interactive=True, label="Labels (one row per uploaded file)")
-                        train_folder = gr.Textbox(label="…or a local folder with class subfolders", value="",
-                                                  visible=train_tab.local_paths_allowed())
-                        with gr.Row():
-                            train_method = gr.Dropdown(list(train_tab.TRAIN_METHODS), value="pmpo", label="Method")
+                            train_method = gr.Dropdown(list(train_tab.TRAIN_METHODS), value="pmpo", label="Method", min_width=100)
                             train_epochs = gr.Slider(1, train_tab.MAX_EPOCHS, value=train_tab.default_epochs(state.default_spec),
-                                                     step=1, label="Epochs")
-                            train_name = gr.Textbox(label="Checkpoint name (optional)", value="")
+                                                     step=1, label="Epochs (at most)", elem_id="train-epochs")
+                            train_budget = gr.Slider(0, train_tab.MAX_BUDGET_S, value=train_tab.DEFAULT_BUDGET_S, step=10,
+                                                     label="Time budget, s (0 = none)", elem_id="train-budget")
+                            train_name = gr.Textbox(label="Checkpoint name (optional)", value="", min_width=120)
+                        train_estimate = gr.Markdown(elem_id="train-estimate")
                         with gr.Row():
                             train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
-                            cancel_btn = gr.Button("Cancel", variant="stop")
+                            cancel_btn = gr.Button("Cancel (keeps what was learned)", variant="stop", elem_id="cancel-btn")
                         train_status = gr.Markdown(elem_id="train-status")
-                        train_plot = gr.Plot(label="Progress")
-                        train_download = gr.File(label="Trained prompts (.safetensors)", interactive=False)
+                        train_plot = gr.LinePlot(train_tab.progress_frame([], {}), x="step", y="accuracy", color="series",
+                                                 y_lim=[0, 100], height=230, label="Accuracy (%) while training",
+                                                 elem_id="train-plot")
+                        with gr.Row():
+                            train_download = gr.File(label="Trained prompts (.safetensors)", interactive=False, height=60)
+                            with gr.Accordion("Run report (JSON)", open=False):
+                                train_report = gr.JSON(elem_id="train-report")
                     with gr.Tab("Benchmarks", id="benchmarks"):
                         with gr.Row():
                             bench_dir = gr.Textbox(label="Result folder(s) (result.json files found recursively)",
@@ -345,11 +374,18 @@ def build_demo(state: AppState) -> gr.Blocks:
         ckpt_upload.upload(upload_checkpoint, [ckpt_upload, *backbone_inputs], [ckpt_status, checkpoint],
                            api_name="upload_checkpoint")
         bb_button.click(load_backbone, backbone_inputs, bb_status, api_name="load_backbone")
-        train_files.change(train_tab.label_rows, train_files, label_table, api_name=False)
-        train_examples_btn.click(lambda: train_examples, None, train_files, api_name=False)
-        train_btn.click(train, [train_files, label_table, train_zip, train_folder, train_method, train_epochs, train_name,
-                                *backbone_inputs],
-                        [train_status, train_plot, train_download, checkpoint], api_name="train",
+        overview_inputs = [train_files, label_table, train_method, train_epochs, train_budget, *backbone_inputs]
+        overview_outputs = [train_summary, train_thumbs, train_estimate]
+        train_files.change(train_tab.label_rows, train_files, label_table, api_name=False).then(
+            train_overview, overview_inputs, overview_outputs, api_name=False)
+        for control in (label_table, train_method, train_epochs, train_budget):
+            control.input(train_overview, overview_inputs, overview_outputs, api_name=False)
+        train_examples_btn.click(use_train_examples, backbone_inputs, train_files, api_name=False)
+        bb_model.change(lambda m, p: train_tab.example_note(BackboneSpec.of(m, p)) if (m or "").strip() else "",
+                        backbone_inputs, train_examples_note, api_name=False)
+        train_btn.click(train, [train_files, label_table, train_zip, train_folder, train_method, train_epochs, train_budget,
+                                train_name, *backbone_inputs],
+                        [train_status, train_plot, train_report, train_download, checkpoint], api_name="train",
                         concurrency_limit=1, concurrency_id="train")
         cancel_btn.click(cancel, None, train_status, api_name="cancel_training", concurrency_limit=None)
         bench_btn.click(benchmarks, bench_dir, [bench_status, bench_ref, bench_ours, bench_plot], api_name="benchmarks")
@@ -362,7 +398,9 @@ def build_demo(state: AppState) -> gr.Blocks:
 
 def allowed_paths(state: AppState) -> list[str]:
     """Files the app itself serves: example renders and trained checkpoints in its cache dir."""
-    return [str(state.cache_dir)]
+    from .fashion import FASHION_DIR
+
+    return [str(state.cache_dir), str(FASHION_DIR)]
 
 
 __all__ = ["build_demo", "allowed_paths", "error_text", "guarded", "UNTRAINED", "CONCURRENCY"]
