@@ -201,7 +201,10 @@ def test_classify_views_match_the_model(state, pictures):
     assert len(classify.per_prompt_rows(scores)) == 3 * model.prompts.n_prompts
     data = classify.as_json(scores, 5)
     assert data["classes"] == CLASSES and len(data["images"][0]["learned"]) == 3
-    assert classify.bar_chart(scores, 3) is not None
+    chart = classify.bar_chart(scores, 3)
+    assert chart.count("<table") == 3 and all(c in chart for c in CLASSES)
+    hostile = classify.Scores(["<script>x</script>"] + CLASSES[1:], ["<b>.png", "b", "c"], scores.probs, None, [], "learned (x)")
+    assert "<script>" not in classify.bar_chart(hostile, 2) and "&lt;script&gt;" in classify.bar_chart(hostile, 2)
 
 
 @pytest.mark.parametrize("method", ["pmpo", "coop", "cocoop"])

@@ -15,12 +15,12 @@ prompted; the prompted pass only for methods with visual prompts); the text side
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from PIL import Image
 
 from .state import AppState, LoadedModel
@@ -153,33 +153,34 @@ def as_json(scores: Scores, k: int) -> dict:
     return {"classes": scores.classnames, "learned": scores.learned_label, "images": images}
 
 
-def bar_chart(scores: Scores, k: int) -> Figure:
-    """One panel per image (at most MAX_CHART_IMAGES): the union of the views' top-k classes, one bar
-    per view and class. A single narrow column, so a 390 px phone screen shows it at a readable size."""
+COLOURS = ("#7f7f7f", "#1f77b4", "#d62728")  # zero-shot, prior with the prompted image, learned
+
+
+def bar_chart(scores: Scores, k: int) -> str:
+    """One block per image (at most MAX_CHART_IMAGES): the union of the views' top-k classes, one
+    bar per view and class, as HTML the browser draws. A server-side figure cost ~0.4 s per request
+    (mostly PNG encoding) — more than the whole answer when the features are cached."""
     k = max(1, min(int(k), len(scores.classnames), 10))
     n = min(len(scores.image_names), MAX_CHART_IMAGES)
-    colours = ("#7f7f7f", "#1f77b4", "#d62728")
-    picked = []
+    labels = [scores.learned_label if v == "learned" else v for v in VIEWS]
+    legend = " ".join(f'<span style="color:{c}">&#9632;</span> {html.escape(label)}' for c, label in zip(COLOURS, labels))
+    parts = [f'<div class="pmpo-bars" style="font-size:12px;line-height:1.25">'
+             f'<div style="margin-bottom:6px">{legend}</div>']
     for b in range(n):
         ids = list(dict.fromkeys(int(i) for v in reversed(VIEWS) for i in scores.probs[v][b].topk(k).indices))
-        picked.append(ids)
-    heights = [0.55 + 0.32 * len(ids) for ids in picked]
-    fig = Figure(figsize=(5.2, 0.6 + sum(heights)), dpi=80, layout="constrained")
-    axes = fig.subplots(n, 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
-    width = 0.8 / len(VIEWS)
-    for b, (ax, ids) in enumerate(zip(axes, picked)):
-        rows = range(len(ids))[::-1]
-        for j, v in enumerate(VIEWS):
-            values = [100 * float(scores.probs[v][b][i]) for i in ids]
-            ax.barh([r + (1 - j) * width for r in rows], values, height=width, color=colours[j],
-                    label=scores.learned_label if v == "learned" else v)
-        ax.set_yticks(list(rows), [scores.classnames[i][:24] for i in ids], fontsize=9)
-        ax.set_xlim(0, 100)
-        ax.tick_params(axis="x", labelsize=8)
-        ax.set_title(scores.image_names[b][:40], fontsize=9, loc="left")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncols=1, fontsize=8, frameon=False)
-    axes[-1].set_xlabel("probability (%)", fontsize=8)
+        parts.append(f'<div style="margin:8px 0 2px;font-weight:600">{html.escape(scores.image_names[b][:60])}</div>'
+                     '<table style="border-collapse:collapse;width:100%">')
+        for i in ids:
+            bars = "".join(
+                f'<div title="{html.escape(label)}: {100 * float(scores.probs[v][b][i]):.1f} %" style="height:5px;margin:1px 0;'
+                f'background:{c};width:{max(0.5, 100 * float(scores.probs[v][b][i])):.1f}%"></div>'
+                for v, c, label in zip(VIEWS, COLOURS, labels))
+            top = 100 * float(scores.probs[VIEWS[2]][b][i])
+            parts.append(f'<tr><td style="width:32%;padding:1px 6px 1px 0;white-space:nowrap;overflow:hidden;'
+                         f'text-overflow:ellipsis;max-width:220px">{html.escape(scores.classnames[i][:40])}</td>'
+                         f'<td style="padding:1px 0">{bars}</td><td style="width:52px;text-align:right">{top:.1f} %</td></tr>')
+        parts.append("</table>")
     if len(scores.image_names) > n:
-        fig.suptitle(f"first {n} of {len(scores.image_names)} images (all are in the table)", fontsize=9)
-    return fig
+        parts.append(f"<div>first {n} of {len(scores.image_names)} images (all are in the table)</div>")
+    parts.append("</div>")
+    return "".join(parts)

@@ -91,12 +91,17 @@ def build_demo(state: AppState) -> gr.Blocks:
         return classes, templates
 
     # --- handlers -----------------------------------------------------------------------------
-    @guarded(lambda message: (pd.DataFrame(), None, pd.DataFrame(), {"error": message}))
-    def classify(files, classes_text, templates_text, checkpoint, top_k, bb_model, bb_pretrained, request: gr.Request):
+    @guarded(lambda message: (pd.DataFrame(), "", pd.DataFrame(), {"error": message}))
+    def classify(files, classes_text, templates_text, checkpoint, top_k, bb_model, bb_pretrained, request: gr.Request,
+                 progress=gr.Progress()):
         classes, templates = task(classes_text, templates_text)
         loaded = load_images(files)
         entry = resolve(bb_model, bb_pretrained, checkpoint, request)
-        scores = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates)
+
+        def text_progress(done: int, total: int) -> None:  # a new long class list: the text passes take a while
+            progress(done / max(total, 1), desc=f"text encoder: {done}/{total} sequences")
+
+        scores = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates, text_progress)
         for n in loaded.notices + classes.notices:
             gr.Warning(n)
         status = notices_md(entry.notices, classes.notices, loaded.notices) or ""
@@ -276,7 +281,8 @@ def build_demo(state: AppState) -> gr.Blocks:
                         classify_status = gr.Markdown(elem_id="classify-status")
                         topk_table = gr.Dataframe(label="Top-k: zero-shot CLIP | prior with the prompted image | learned prompts",
                                                   headers=classify_tab.topk_headers(), interactive=False, elem_id="topk-table")
-                        topk_plot = gr.Plot(label="Top-k per image")
+                        gr.Markdown("**Top-k per image** (bar: probability; number: the learned column's)")
+                        topk_plot = gr.HTML(elem_id="topk-bars")
                         prompt_table = gr.Dataframe(label="Per-prompt predictions (each learned prompt alone)",
                                                     headers=classify_tab.per_prompt_headers(), interactive=False)
                         with gr.Accordion("Raw result (JSON)", open=False):

@@ -1,0 +1,936 @@
+#!/usr/bin/env python
+"""The demo as a visitor experiences it: ``python app.py`` in a subprocess, driven over loopback
+with ``gradio_client``, each interaction timed against the image-encoder floor measured in the
+same run on the same images (DESIGN.md §9, "The demo at real scale").
+
+    python benchmarks/demo.py [--backbone vitb16|offline|both] [--repeats 3] [--skip-train]
+                              [--json out.json] [--markdown out.md] [--timeout S]
+
+Backbones:
+  vitb16   ``python app.py --model ViT-B-16-quickgelu --pretrained none``: OpenAI CLIP's exact
+           compute with random weights, i.e. what a free 2-vCPU Hugging Face Space pays.
+  offline  ``python app.py`` with no --model: the app's offline default (the shipped ShapeWorld CLIP).
+
+Per backbone it
+
+1. starts the app exactly as a user does (plus the flags ``app.py --help`` offers for a headless
+   run on loopback: ``--host 127.0.0.1``, ``--device cpu``) and waits until the page is served;
+2. waits until the app process is idle (its start-up warm-up done), then measures the floor in
+   *this* process while the app does nothing: the same backbone through the library
+   (``pmpo.backbone.load_backbone``), the same PIL images through the model's eval transform,
+   ``clip.encode_image`` under ``torch.no_grad()`` on the batch of 8 and on 1 image (median of the
+   repeats after a warm-up call), plus 1000 plain prompts through the text tower; the floor model
+   is freed before the app is driven again;
+3. drives the app: Classify 8 new images × 8 classes (fresh renders every repeat, so no content
+   cache can answer), the same 8 again, Embeddings of those images, per-depth attention of one of
+   them, Classify 1 new image × a new 1000-class list, and (unless --skip-train) the Train tab's
+   defaults on its example set (PMPO) and CoOp on the same set;
+4. always stops the app (also on Ctrl-C, SIGTERM or an error).
+
+Every client call has a timeout (--timeout; trainings --train-timeout). Peak RSS is the app
+process's VmHWM from /proc/<pid>/status, i.e. the peak since the process started, read after
+each interaction. Threads: the app sets none, so it runs with torch's default (all cores); the
+floor sets the same number (torch's default in this process, same environment), and the report
+says how many. A request that computes nothing (/cancel_training) gives the fixed cost of a round
+trip; the app's CPU seconds per call (from /proc) and the cores the floor kept busy show whether
+other work shared the CPU (the header also gives the load average before and after).
+
+/train is driven by the contract the Train tab implements: inputs (train_files, label_table,
+zip_file, folder, method, epochs, time_budget, name, bb_model, bb_pretrained), a generator whose
+outputs are [status, plot, report_json, download, checkpoint]; a live app that differs fails the
+training rows with a message saying how. label_table is sent as the page's empty table (gradio's
+Dataframe refuses None), so the labels come from the example files' names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import gc
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+from urllib.request import urlopen
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/demo.py` from a checkout without an install
+    sys.path.insert(0, str(ROOT))
+
+BACKBONES: dict[str, dict[str, Any]] = {
+    "vitb16": {
+        "label": "ViT-B/16 (ViT-B-16-quickgelu, random init)",
+        "model": "ViT-B-16-quickgelu", "pretrained": "none",
+        "app_args": ["--model", "ViT-B-16-quickgelu", "--pretrained", "none"],
+        "whole_run_target_s": 180.0,
+    },
+    "offline": {
+        "label": "offline default (shipped ShapeWorld CLIP)",
+        "model": None, "pretrained": None,  # whatever the app loads by default; read back from its API
+        "app_args": [],
+        "whole_run_target_s": None,
+        "gain_target": (15.0, 60.0),  # held-out gain ≥ 15 points within 60 s of submit
+    },
+}
+
+# /train, as the Train tab's owner defines it (DESIGN.md §9): inputs in this order, 5 outputs.
+TRAIN_INPUTS = ("train_files", "label_table", "zip_file", "folder", "method", "epochs", "time_budget", "name",
+                "bb_model", "bb_pretrained")
+TRAIN_OUTPUTS = ("status_markdown", "plot", "report_json", "download_file", "checkpoint_dropdown")
+REPORT_KEYS = ("phase", "elapsed_s", "eta_s", "zero_shot", "heldout", "done", "stopped", "checkpoint",
+               "images_per_s", "n_train", "n_heldout")
+
+FIRST_HELDOUT_TARGET_S = 60.0
+COOP_TARGET_S = 60.0
+CLASSIFY_TARGET_X = 1.3
+AGAIN_TARGET_S = 0.3
+EMBED_TARGET_X = 0.3
+ATTENTION_TARGET_X = 1.3
+N_IMAGES = 8
+METHOD_NAMES = {"pmpo": "PMPO", "coop": "CoOp", "cocoop": "CoCoOp", "kgcoop": "KgCoOp", "maple": "MaPLe"}
+N_BIG_CLASSES = 1000
+GIB = 2 ** 30
+
+
+class BenchError(RuntimeError):
+    """A step of the benchmark failed in a way the report states (the app said no, a timeout, ...)."""
+
+
+# --- pure helpers (tested in tests/test_demo_bench.py) ---------------------------------------------
+def summarize(samples: Sequence[float]) -> dict[str, float | int | None]:
+    """Median, min and max of a list of seconds (None for an empty list)."""
+    xs = [float(x) for x in samples if x is not None]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def ratio(value: float | None, floor: float | None) -> float | None:
+    """value / floor, or None when either is missing or the floor is not positive."""
+    if value is None or floor is None or floor <= 0:
+        return None
+    return value / floor
+
+
+_NOUNS = ("object", "item", "thing", "sample", "specimen", "article", "piece", "entity", "unit", "exhibit")
+
+
+def class_list(n: int = N_BIG_CLASSES, variant: int = 0) -> list[str]:
+    """``n`` distinct class names, deterministic; another ``variant`` gives a list none of whose
+    names occur in the others (so a text cache never answers a 'new' list): 'class 0001 object'."""
+    noun = _NOUNS[variant % len(_NOUNS)]
+    suffix = "" if variant < len(_NOUNS) else f" v{variant // len(_NOUNS)}"
+    return [f"class {i + 1:04d} {noun}{suffix}" for i in range(n)]
+
+
+def check_train_contract(endpoint: dict | None) -> list[str]:
+    """Where the live /train endpoint (an entry of ``view_api(return_format='dict')['named_endpoints']``)
+    differs from the contract; empty when it matches."""
+    if endpoint is None:
+        return ["the app has no /train endpoint"]
+    problems = []
+    names = tuple(p.get("parameter_name") or p.get("label") for p in endpoint.get("parameters", []))
+    if names != TRAIN_INPUTS:
+        problems.append(f"inputs are ({', '.join(map(str, names))}); the contract is ({', '.join(TRAIN_INPUTS)})")
+    n_out = len(endpoint.get("returns", []))
+    if n_out != len(TRAIN_OUTPUTS):
+        problems.append(f"it returns {n_out} outputs; the contract has {len(TRAIN_OUTPUTS)} ({', '.join(TRAIN_OUTPUTS)})")
+    return problems
+
+
+def _as_report(value: Any) -> dict | None:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if isinstance(value, dict) and "done" in value and "heldout" in value:
+        return value
+    return None
+
+
+def parse_train_reports(events: Sequence[tuple[float, Any]], within_s: float = 60.0,
+                        gain_points: float = 15.0) -> dict[str, Any]:
+    """Digest a training's stream: ``events`` are (seconds since submit, report_json) in arrival order.
+
+    Values that are not reports (a gradio "no change" update, None) are skipped. Returns the time of
+    the first report with a non-empty held-out list, of the final report (``done``), the final
+    held-out zero-shot / trained accuracy, images/s, and the best held-out gain (trained − zero-shot,
+    points) among the reports that arrived within ``within_s``, and when a gain of ``gain_points`` first showed."""
+    reports = [(float(t), r) for t, raw in events if (r := _as_report(raw)) is not None]
+    out: dict[str, Any] = {"n_reports": len(reports), "first_report_s": reports[0][0] if reports else None,
+                           "first_heldout_s": None, "first_heldout": None, "done_s": None, "final": None,
+                           "zero_shot": None, "trained": None, "gain": None, "images_per_s": None,
+                           "stopped": None, "checkpoint": None, f"best_gain_within_{within_s:g}s": None,
+                           f"first_gain_{gain_points:g}_s": None,
+                           "missing_keys": sorted({k for _, r in reports for k in REPORT_KEYS if k not in r})}
+    best = None
+    for t, r in reports:
+        held = r.get("heldout") or []
+        if held and out["first_heldout_s"] is None:
+            out["first_heldout_s"], out["first_heldout"] = t, held[0]
+        if t <= within_s:
+            for h in held:
+                if h.get("trained") is not None and h.get("zero_shot") is not None:
+                    gain = float(h["trained"]) - float(h["zero_shot"])
+                    best = gain if best is None else max(best, gain)
+        for h in held:
+            if (h.get("trained") is not None and h.get("zero_shot") is not None and out[f"first_gain_{gain_points:g}_s"] is None
+                    and float(h["trained"]) - float(h["zero_shot"]) >= gain_points):
+                out[f"first_gain_{gain_points:g}_s"] = t
+        if r.get("done") and out["done_s"] is None:
+            out["done_s"] = t
+    out[f"best_gain_within_{within_s:g}s"] = best
+    if reports:
+        final = next((r for _, r in reversed(reports) if r.get("done")), reports[-1][1])
+        held = final.get("heldout") or []
+        last = held[-1] if held else {}
+        out.update(final=final, zero_shot=last.get("zero_shot", final.get("zero_shot")), trained=last.get("trained"),
+                   images_per_s=final.get("images_per_s"), stopped=final.get("stopped"),
+                   checkpoint=final.get("checkpoint"))
+        if out["trained"] is not None and out["zero_shot"] is not None:
+            out["gain"] = float(out["trained"]) - float(out["zero_shot"])
+    return out
+
+
+def make_row(name: str, samples: Sequence[float], floor_s: float | None = None, floor_label: str = "",
+             target: str = "", limit_s: float | None = None, rss_gib: float | None = None,
+             value_text: str | None = None, ok: bool | None = None, error: str | None = None,
+             **extra: Any) -> dict[str, Any]:
+    """One table row. ``limit_s``: the target as seconds (pass/fail from the median) unless ``ok`` is given."""
+    stats = summarize(samples)
+    if ok is None and limit_s is not None and stats["median"] is not None:
+        ok = stats["median"] <= limit_s
+    return {"interaction": name, "samples_s": [float(s) for s in samples], **stats, "floor_s": floor_s,
+            "floor_label": floor_label, "x_floor": ratio(stats["median"], floor_s), "rss_gib": rss_gib,
+            "target": target, "limit_s": limit_s, "ok": ok if error is None else False, "value_text": value_text,
+            "error": error, **extra}
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def render_table(rows: Iterable[dict[str, Any]]) -> str:
+    """| interaction | median s | min–max | floor s | × floor | peak RSS GiB | target | (target cell ends in ✓/✗)."""
+    lines = ["| interaction | median s | min–max | floor s | × floor | peak RSS GiB | target |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        median = r.get("value_text") or _fmt(r.get("median"))
+        span = "—" if r.get("min") is None or r.get("n", 0) < 1 else f"{r['min']:.2f}–{r['max']:.2f}"
+        floor = _fmt(r.get("floor_s"))
+        if r.get("floor_s") is not None and r.get("floor_label"):
+            floor += f" ({r['floor_label']})"
+        mark = {True: " ✓", False: " ✗", None: ""}[r.get("ok")]
+        target = (r.get("target") or "report") + mark
+        if r.get("error"):
+            target += f" — **error:** {r['error']}"
+        name = r["interaction"].replace("|", "/")
+        lines.append(f"| {name} | {median} | {span} | {floor} | {_fmt(r.get('x_floor'))}"
+                     f" | {_fmt(r.get('rss_gib'))} | {target.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    def load(x):
+        return "/".join(f"{v:.2f}" for v in x) if x else "?"
+    return (f"Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores; load average (1/5/15 min) before "
+            f"{load(m.get('load_before'))}, after {load(m.get('load_after'))}; torch {m.get('torch', '?')}, "
+            f"gradio {m.get('gradio', '?')}, gradio_client {m.get('gradio_client', '?')}, Python {m.get('python', '?')}; "
+            f"floor threads {m.get('threads', '?')} (torch's default = all cores, as the app, which sets none).")
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The whole report: a machine header and one table per backbone, with its notes."""
+    out = [f"# Demo benchmark ({result.get('date', '')})", "", machine_line(result.get("machine", {})), "",
+           f"Repeats: {result.get('repeats')}; per-call timeout {result.get('timeout_s')} s."]
+    if result.get("machine", {}).get("busy_note"):
+        out += ["", result["machine"]["busy_note"]]
+    for b in result.get("backbones", []):
+        out += ["", f"## {b.get('label', b.get('backbone'))}", ""]
+        if b.get("command"):
+            out.append(f"App: `{b['command']}`, served after {_fmt(b.get('startup_s'), 1)} s; idle after a further "
+                       f"{_fmt(b.get('idle_wait_s'), 1)} s; backbone on the page: {b.get('app_backbone', '?')}.")
+        f = b.get("floor") or {}
+        if f:
+            out.append(f"Floor ({f.get('model')}, {f.get('pretrained') or 'no tag'}; {f.get('threads')} threads; "
+                       f"image {f.get('image_size')} px from {f.get('source_px')} px renders): encode_image 8 images "
+                       f"{_fmt(f.get('batch8_s', {}).get('median'), 3)} s, 1 image {_fmt(f.get('single_s', {}).get('median'), 3)} s "
+                       f"(medians of {f.get('batch8_s', {}).get('n')}, after a warm-up call); eval transform of 8 images "
+                       f"{_fmt(f.get('preprocess8_s'), 3)} s; 1000 prompts through the text tower "
+                       f"{_fmt(f.get('text1000_s'), 2)} s (1 run).")
+        out += ["", render_table(b.get("rows", []))]
+        notes = list(b.get("notes", [])) + [f"**Error:** {e}" for e in b.get("errors", [])]
+        if notes:
+            out += [""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+# --- the machine and the app process -------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in text.splitlines():
+            if line.strip().startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmHWM / VmRSS (kB) of a process from /proc/<pid>/status ({} when it is gone)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def peak_rss_gib(pid: int) -> float | None:
+    kb = proc_status(pid).get("VmHWM")
+    return kb * 1024 / GIB if kb is not None else None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds the process has used (its threads included)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def wait_idle(pid: int, timeout: float = 180.0, busy_below: float = 0.1, quiet_for: float = 2.0) -> float:
+    """Wait until the process uses less than ``busy_below`` of a core for ``quiet_for`` seconds
+    (its background warm-up done); return the seconds waited (the timeout at most)."""
+    start = last_t = time.perf_counter()
+    last_cpu, quiet = cpu_seconds(pid), 0.0
+    while time.perf_counter() - start < timeout:
+        time.sleep(0.5)
+        now, cpu = time.perf_counter(), cpu_seconds(pid)
+        if cpu is None or last_cpu is None:
+            break
+        quiet = quiet + (now - last_t) if (cpu - last_cpu) / (now - last_t) < busy_below else 0.0
+        last_t, last_cpu = now, cpu
+        if quiet >= quiet_for:
+            break
+    return time.perf_counter() - start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def headless_flags(app: Path, device: str | None) -> list[str]:
+    """The flags of ``app.py --help`` that keep a run on loopback and off any browser / public link."""
+    try:
+        text = subprocess.run([sys.executable, str(app), "--help"], capture_output=True, text=True, timeout=120,
+                              cwd=app.parent).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BenchError(f"`python app.py --help` failed: {exc}") from exc
+    if "--port" not in text:
+        raise BenchError("`python app.py --help` offers no --port; cannot start the app on a free port")
+    flags = []
+    if "--host" in text:
+        flags += ["--host", "127.0.0.1"]
+    if device and "--device" in text:
+        flags += ["--device", device]
+    for flag in ("--no-browser", "--no-share"):
+        if flag in text:
+            flags.append(flag)
+    return flags
+
+
+class AppProcess:
+    """``python app.py ARGS --port N`` in its own process group; ``stop()`` always ends that group."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.argv = [sys.executable, str(ROOT / "app.py"), *args, "--port", str(self.port)]
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def command(self) -> str:
+        return "python app.py " + " ".join(self.argv[2:])
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def start(self, timeout: float) -> float:
+        log = open(self.log_path, "w")
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        while time.perf_counter() - start < timeout:
+            if self.proc.poll() is not None:
+                raise BenchError(f"app.py exited with {self.proc.returncode} before serving:\n{self.log_tail()}")
+            try:
+                with urlopen(self.url, timeout=2) as response:
+                    if response.status == 200:
+                        self.startup_s = time.perf_counter() - start
+                        return self.startup_s
+            except OSError:
+                time.sleep(0.25)
+        raise BenchError(f"app.py did not serve {self.url} within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)  # the group this object started (start_new_session)
+            try:
+                self.proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+# --- images -----------------------------------------------------------------------------------------
+def render_set(folder: Path, classes: Sequence[str], seed: int, px: int, tag: str) -> list[Path]:
+    """One new ShapeWorld render per class (seeded: the same run renders the same images)."""
+    import numpy as np
+    from PIL import Image
+
+    from pmpo.data import shapeworld as sw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sw.class_names()
+    paths = []
+    for i, cls in enumerate(classes):
+        index = names.index(cls) if cls in names else i % len(names)
+        sample = sw.sample_class_scene(index, np.random.default_rng([seed, i]), style="pretrain", size=px)
+        path = folder / f"{tag}_{cls.replace(' ', '_')}.png"
+        Image.fromarray(sample.image, "RGB").save(path)
+        paths.append(path)
+    return paths
+
+
+# --- the floor ----------------------------------------------------------------------------------------
+def measure_floor(model: str, pretrained: str | None, sets: Sequence[Sequence[Path]], warmup: Sequence[Path],
+                  threads: int, template: str, n_text: int = N_BIG_CLASSES, text: bool = True,
+                  floor_repeats: int = 3) -> dict[str, Any]:
+    """encode_image on each set of 8 and on its first image (medians of at least ``floor_repeats``
+    timings, cycling over the sets), after a warm-up call; and
+    ``n_text`` plain prompts through the library's (truncating) text encoder once. Frees the model."""
+    import torch
+    from PIL import Image
+
+    from pmpo.backbone import load_backbone
+    from pmpo.data.transforms import build_transform
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    bb = load_backbone(model, None if pretrained in (None, "", "none") else pretrained, device="cpu")
+    load_s = time.perf_counter() - t0
+    transform = build_transform(bb.image_size, bb.mean, bb.std, train=False)
+
+    def batch(paths: Sequence[Path]) -> torch.Tensor:
+        return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+
+    cores: list[float] = []  # CPU seconds / wall seconds of each timed call: ~threads when it had the cores to itself
+
+    def timed(fn: Callable[[], Any]) -> float:
+        c, t = time.process_time(), time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t
+        cores.append((time.process_time() - c) / wall if wall > 0 else 0.0)
+        return wall
+
+    out: dict[str, Any] = {"model": bb.model_name, "pretrained": bb.pretrained, "threads": torch.get_num_threads(),
+                           "image_size": bb.image_size, "load_s": load_s}
+    try:
+        with torch.no_grad():
+            x = batch(warmup)
+            bb.clip.encode_image(x)
+            bb.clip.encode_image(x[:1])
+            b8, b1, prep = [], [], []
+            for paths in [sets[i % len(sets)] for i in range(max(floor_repeats, len(sets)))]:
+                t = time.perf_counter()
+                x = batch(paths)
+                prep.append(time.perf_counter() - t)
+                b8.append(timed(lambda: bb.clip.encode_image(x)))
+                b1.append(timed(lambda: bb.clip.encode_image(x[:1])))
+            out.update(batch8_s=summarize(b8), single_s=summarize(b1), batch8_samples=b8, single_samples=b1,
+                       preprocess8_s=statistics.median(prep))
+            out["cores_used"] = statistics.median(cores)
+            out["text1000_s"] = None
+            if text:
+                from pmpo.encoders import TextEncoder
+
+                enc = TextEncoder(bb.clip, bb.tokenizer)
+                enc.encode_tokens(enc.tokenize([template.format(c) for c in class_list(8, 99)]))
+                tokens = enc.tokenize([template.format(c) for c in class_list(n_text, 98)])
+                out["text1000_s"] = timed(lambda: enc.encode_tokens(tokens))
+    finally:
+        del bb
+        gc.collect()
+    return out
+
+
+# --- driving the app ------------------------------------------------------------------------------------
+def connect(url: str, timeout: float):
+    from gradio_client import Client
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return Client(url, verbose=False, download_files=False, analytics_enabled=False,
+                      httpx_kwargs={"timeout": timeout})
+
+
+def endpoint_kwargs(endpoints: dict, api_name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for ``api_name``: what the page's components start with (a visitor's
+    defaults), overridden by ``given``; a name the endpoint does not take is a clear error."""
+    info = endpoints.get(api_name)
+    if info is None:
+        raise BenchError(f"the app has no {api_name} endpoint (it has {', '.join(sorted(endpoints))})")
+    params = {p["parameter_name"]: p for p in info.get("parameters", [])}
+    unknown = [k for k in given if k not in params]
+    if unknown:
+        raise BenchError(f"{api_name} takes ({', '.join(params)}), not {', '.join(unknown)}: the benchmark needs updating")
+    kwargs = {name: (p.get("parameter_default") if p.get("parameter_has_default") else None) for name, p in params.items()}
+    kwargs.update(given)
+    return kwargs
+
+
+def default_of(endpoints: dict, api_name: str, param: str, fallback: Any = None) -> Any:
+    for p in (endpoints.get(api_name) or {}).get("parameters", []):
+        if p.get("parameter_name") == param and p.get("parameter_has_default"):
+            return p.get("parameter_default")
+    return fallback
+
+
+def call(client, api_name: str, kwargs: dict[str, Any], timeout: float) -> tuple[float, Any]:
+    """Submit, wait at most ``timeout`` seconds; (seconds from submit to result, result). An answer
+    whose status text starts with '**Error' is a failure (the app reports errors that way)."""
+    t0 = time.perf_counter()
+    job = client.submit(api_name=api_name, **kwargs)
+    try:
+        result = job.result(timeout=timeout)
+    except concurrent.futures.TimeoutError as exc:
+        job.cancel()
+        raise BenchError(f"{api_name} did not answer within {timeout:.0f} s") from exc
+    except Exception as exc:  # noqa: BLE001 - gradio_client raises AppError and friends
+        raise BenchError(f"{api_name} failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    seconds = time.perf_counter() - t0
+    status = result[0] if isinstance(result, (list, tuple)) and result else result
+    if isinstance(status, str) and status.lstrip().startswith("**Error"):
+        raise BenchError(f"{api_name} answered with an error: {status.strip()[:300]}")
+    return seconds, result
+
+
+def files_arg(paths: Sequence[Path]) -> list:
+    from gradio_client import handle_file
+
+    return [handle_file(str(p)) for p in paths]
+
+
+def run_training(client, endpoints: dict, method: str, epochs: int, files: Sequence[Path], bb: tuple[str, str],
+                 timeout: float, poll_s: float = 0.02, gain: tuple[float, float] = (15.0, 60.0),
+                 budget_s: float = 0.0) -> dict[str, Any]:
+    """One training through /train as the contract defines it; every output timestamped from submit."""
+    problems = check_train_contract(endpoints.get("/train"))
+    if problems:
+        raise BenchError("the live /train endpoint does not match the contract the benchmark is written against: "
+                         + "; ".join(problems))
+    # No labels given: the contract's label_table=None. Gradio's Dataframe refuses None through the API
+    # ("Expected a DataframeData ... None"), so send the empty table a visitor's page sends; the app
+    # then reads the labels from the file names, as it does for the example set.
+    table = default_of(endpoints, "/train", "label_table")
+    if not (isinstance(table, dict) and not table.get("data")):
+        table = {"headers": ["file", "label"], "data": [], "metadata": None}
+    kwargs = dict(train_files=files_arg(files), label_table=table, zip_file=None, folder="", method=method,
+                  epochs=int(epochs), time_budget=budget_s, name=f"bench-{method}", bb_model=bb[0], bb_pretrained=bb[1])
+    t0 = time.perf_counter()
+    job = client.submit(api_name="/train", **kwargs)
+    events: list[tuple[float, Any]] = []
+    statuses: list[tuple[float, str]] = []
+    seen = 0
+    while True:
+        done = job.done()
+        outputs = job.outputs()
+        now = time.perf_counter() - t0
+        for out in outputs[seen:]:
+            if isinstance(out, (list, tuple)) and len(out) == len(TRAIN_OUTPUTS):
+                events.append((now, out[2]))
+                if isinstance(out[0], str):
+                    statuses.append((now, out[0]))
+            else:
+                raise BenchError(f"/train yielded {type(out).__name__} of length "
+                                 f"{len(out) if hasattr(out, '__len__') else '?'}; the contract has {len(TRAIN_OUTPUTS)} outputs")
+        seen = len(outputs)
+        if done:
+            break
+        if now > timeout:
+            job.cancel()
+            with contextlib.suppress(Exception):
+                client.submit(api_name="/cancel_training").result(timeout=30)
+            raise BenchError(f"/train ({method}) did not finish within {timeout:.0f} s; "
+                             f"{len(events)} reports so far: {parse_train_reports(events)}")
+        time.sleep(poll_s)
+    exc = job.exception()
+    if exc is not None:
+        raise BenchError(f"/train ({method}) failed: {type(exc).__name__}: {str(exc)[:300]}")
+    errors = [s for _, s in statuses if s.lstrip().startswith("**Error")]
+    if errors:
+        raise BenchError(f"/train ({method}) answered with an error: {errors[-1].strip()[:300]}")
+    parsed = parse_train_reports(events, within_s=gain[1], gain_points=gain[0])
+    if parsed["n_reports"] == 0:
+        raise BenchError(f"/train ({method}) gave no report_json dict among {len(events)} outputs")
+    if parsed["missing_keys"]:
+        raise BenchError(f"/train ({method}) reports lack {', '.join(parsed['missing_keys'])} (contract: {', '.join(REPORT_KEYS)})")
+    if parsed["done_s"] is None:
+        raise BenchError(f"/train ({method}) ended without a report with done=true")
+    parsed["timeline"] = [{"t": round(t, 3), "phase": (r or {}).get("phase"), "heldout": len((r or {}).get("heldout") or []),
+                           "done": (r or {}).get("done")} for t, raw in events for r in [_as_report(raw)]]
+    parsed["last_status"] = statuses[-1][1] if statuses else None
+    return parsed
+
+
+def train_epochs(model: str, pretrained: str | None, override: int | None) -> tuple[int, str]:
+    """The Train tab's default epochs for the backbone: ``pmpo.app.train.default_epochs``."""
+    if override is not None:
+        return override, "--train-epochs"
+    try:
+        from pmpo.app.state import BackboneSpec
+        from pmpo.app.train import default_epochs
+    except ImportError as exc:
+        raise BenchError(f"pmpo.app.train.default_epochs is gone ({exc}); give --train-epochs") from exc
+    return int(default_epochs(BackboneSpec.of(model, pretrained))), "pmpo.app.train.default_epochs"
+
+
+def run_backbone(key: str, opts: argparse.Namespace, work: Path, into: list | None = None) -> dict[str, Any]:
+    """Measure one backbone; ``res`` is appended to ``into`` first, so an interrupted run keeps its rows."""
+    cfg = BACKBONES[key]
+    res: dict[str, Any] = {"backbone": key, "label": cfg["label"], "rows": [], "notes": [], "errors": []}
+    if into is not None:
+        into.append(res)
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = res["rows"]
+    try:
+        from pmpo.app.state import EXAMPLE_CLASSES as classes
+    except ImportError:
+        classes = ["red circle", "blue square", "green triangle", "yellow star",
+                   "purple hexagon", "orange cross", "cyan diamond", "pink heart"]
+    classes = list(classes)[:N_IMAGES]
+    img_dir = work / key / "images"
+    seed = opts.seed
+    warm_set = render_set(img_dir, classes, seed, opts.image_px, "warm")
+    sets = [render_set(img_dir, classes, seed + 1 + r, opts.image_px, f"r{r + 1}") for r in range(opts.repeats)]
+    singles = [render_set(img_dir, classes[r % len(classes):r % len(classes) + 1], seed + 101 + r, opts.image_px,
+                          f"one{r + 1}") for r in range(opts.repeats)]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "PMPO_CACHE_DIR": str(work / key / "app-cache")}
+    for var in ("SPACE_ID", "GRADIO_SERVER_NAME", "GRADIO_SHARE"):
+        env.pop(var, None)
+    app = AppProcess(cfg["app_args"] + headless_flags(ROOT / "app.py", opts.device), work / key / "app.log", env)
+    res["command"] = app.command
+    client = None
+    try:
+        app.start(opts.start_timeout)
+        res["startup_s"] = app.startup_s
+        res["rss_after_start_gib"] = peak_rss_gib(app.pid)
+        client = connect(app.url, opts.timeout)
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        res["endpoints"] = sorted(endpoints)
+        bb = (default_of(endpoints, "/classify", "bb_model", cfg["model"]),
+              default_of(endpoints, "/classify", "bb_pretrained", cfg["pretrained"]) or "")
+        res["app_backbone"] = f"{bb[0]} + {bb[1] or 'no tag'}"
+        template = (default_of(endpoints, "/classify", "templates_text", "") or "a photo of a {}.").splitlines()[0]
+        res["idle_wait_s"] = wait_idle(app.pid, timeout=opts.idle_timeout)
+
+        # The floor: this process computes, the app is idle. Then free the model.
+        floor = measure_floor(bb[0], bb[1] or None, sets, warm_set, opts.threads, template, text=not opts.no_text_floor,
+                              floor_repeats=opts.floor_repeats)
+        floor["source_px"] = opts.image_px
+        res["floor"] = floor
+        f8, f1, ft = floor["batch8_s"]["median"], floor["single_s"]["median"], floor["text1000_s"]
+        gc.collect()
+        wait_idle(app.pid, timeout=30)
+
+        def rss() -> float | None:
+            return peak_rss_gib(app.pid)
+
+        def classify_kwargs(paths, names):
+            return endpoint_kwargs(endpoints, "/classify", {"files": files_arg(paths), "classes_text": "\n".join(names)})
+
+        def attempt(fn: Callable[[], Any]) -> str | None:
+            try:
+                fn()
+                return None
+            except BenchError as exc:
+                res["errors"].append(str(exc))
+                wait_idle(app.pid, timeout=opts.timeout)  # a timed-out request may still be computing
+                return str(exc)
+
+        # The fixed cost of one request (queue, events, JSON) on an endpoint that computes nothing.
+        if "/cancel_training" in endpoints:
+            trips: list[float] = []
+            err = attempt(lambda: trips.extend(call(client, "/cancel_training", {}, opts.timeout)[0]
+                                               for _ in range(max(3, opts.repeats))))
+            rows.append(make_row("round trip of a request that computes nothing (/cancel_training)", trips,
+                                 target="report", rss_gib=rss(), error=err))
+
+        # A visitor's first request: 8 new images, a class list the app has not encoded yet.
+        first: list[float] = []
+        err = attempt(lambda: first.append(call(client, "/classify", classify_kwargs(warm_set, classes), opts.timeout)[0]))
+        rows.append(make_row("first Classify after start (8 new images × 8 classes, text not cached)", first, f8,
+                             "8 passes", "report", rss_gib=rss(), error=err))
+
+        samples: dict[str, list[float]] = {k: [] for k in ("fresh", "again", "emb", "att", "big")}
+        cpu: dict[str, list[float]] = {k: [] for k in samples}
+        cores: dict[str, list[float]] = {k: [] for k in samples}
+        errs: dict[str, str | None] = {k: None for k in samples}
+        rss_at: dict[str, float | None] = {k: None for k in samples}
+        emb_method = default_of(endpoints, "/embeddings", "method", "UMAP")
+
+        def measure(kind: str, api: str, kwargs: dict[str, Any]) -> None:
+            c0 = cpu_seconds(app.pid)
+            seconds, _ = call(client, api, kwargs, opts.timeout)
+            c1 = cpu_seconds(app.pid)
+            samples[kind].append(seconds)
+            if c0 is not None and c1 is not None:
+                cpu[kind].append(c1 - c0)
+                cores[kind].append((c1 - c0) / seconds if seconds > 0 else 0.0)
+            rss_at[kind] = rss()
+
+        for r, paths in enumerate(sets):
+            for kind, api, kwargs in (
+                ("fresh", "/classify", lambda: classify_kwargs(paths, classes)),
+                ("again", "/classify", lambda: classify_kwargs(paths, classes)),
+                ("emb", "/embeddings", lambda: endpoint_kwargs(endpoints, "/embeddings", {
+                    "files": files_arg(paths), "classes_text": "\n".join(classes), "method": emb_method})),
+                ("att", "/attention", lambda: endpoint_kwargs(endpoints, "/attention", {
+                    "files": files_arg(paths[:1]), "classes_text": "\n".join(classes)})),
+            ):
+                if errs[kind] is None:
+                    errs[kind] = attempt(lambda: measure(kind, api, kwargs()))
+        for r, paths in enumerate(singles):
+            if errs["big"] is None:
+                errs["big"] = attempt(lambda: measure("big", "/classify", classify_kwargs(paths, class_list(N_BIG_CLASSES, r))))
+
+        extra = {k: {"app_cpu_s": cpu[k], "app_cores_used": cores[k]} for k in cpu}
+        rows.append(make_row("Classify 8 new images × 8 classes", samples["fresh"], f8, "8 passes",
+                             f"≤ {CLASSIFY_TARGET_X}× floor", limit_s=None if f8 is None else CLASSIFY_TARGET_X * f8,
+                             rss_gib=rss_at["fresh"], error=errs["fresh"], **extra["fresh"]))
+        rows.append(make_row("the same 8 images again", samples["again"], f8, "8 passes", f"≤ {AGAIN_TARGET_S} s",
+                             limit_s=AGAIN_TARGET_S, rss_gib=rss_at["again"], error=errs["again"], **extra["again"]))
+        rows.append(make_row(f"Embeddings ({emb_method}) of the 8 just classified", samples["emb"], f8, "8 passes",
+                             f"no image pass (≤ {EMBED_TARGET_X}× floor)",
+                             limit_s=None if f8 is None else EMBED_TARGET_X * f8, rss_gib=rss_at["emb"],
+                             error=errs["emb"], **extra["emb"]))
+        rows.append(make_row("per-depth attention of 1 image", samples["att"], f1, "1 pass",
+                             f"≤ {ATTENTION_TARGET_X}× one pass + maps (checked without the maps)",
+                             limit_s=None if f1 is None else ATTENTION_TARGET_X * f1, rss_gib=rss_at["att"],
+                             error=errs["att"], **extra["att"]))
+        big_floor = None if f1 is None or ft is None else f1 + ft
+        rows.append(make_row(f"Classify 1 new image × a new {N_BIG_CLASSES}-class list", samples["big"], big_floor,
+                             f"1 pass + {N_BIG_CLASSES} prompts", "report (s, RSS)", rss_gib=rss_at["big"],
+                             error=errs["big"], **extra["big"]))
+        res["notes"].append("× floor of 'the same 8 images again' and of Embeddings is relative to the 8-pass floor; "
+                            "peak RSS is the app's VmHWM (peak since start) after the row's last call.")
+        names = {"fresh": "Classify", "again": "again", "emb": "Embeddings", "att": "attention", "big": "1000 classes"}
+        used = ", ".join(f"{names[k]} {statistics.median(v):.2f} s ({statistics.median(cores[k]):.1f} cores)"
+                         for k, v in cpu.items() if v)
+        if used:
+            res["notes"].append(f"App process CPU per call (median CPU seconds, and CPU ÷ wall = cores kept busy): {used}; "
+                                f"the floor kept {_fmt(floor.get('cores_used'), 1)} cores busy with {floor.get('threads')} threads"
+                                + (" (fewer: other work had part of the CPU)."
+                                   if (floor.get("cores_used") or 0) < 0.8 * (floor.get("threads") or 1) else "."))
+
+        if not opts.skip_train:
+            run_trainings(res, client, endpoints, bb, work / key, opts, cfg, rss,
+                          settle=lambda: wait_idle(app.pid, timeout=opts.timeout))
+    except BenchError as exc:
+        res["errors"].append(str(exc))
+    except Exception as exc:  # noqa: BLE001 - report it and still stop the app (the finally below)
+        import traceback
+
+        res["errors"].append(f"{type(exc).__name__}: {exc}")
+        res["traceback"] = traceback.format_exc()
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+        res["rss_final_gib"] = peak_rss_gib(app.pid) if app.proc is not None else None
+        t = time.perf_counter()
+        app.stop()
+        res["stop_s"] = time.perf_counter() - t
+        res["wall_s"] = time.perf_counter() - started
+        res["app_log_tail"] = app.log_tail(20)
+    return res
+
+
+def run_trainings(res: dict, client, endpoints: dict, bb: tuple[str, str], work: Path, opts: argparse.Namespace,
+                  cfg: dict, rss: Callable[[], float | None], settle: Callable[[], Any]) -> None:
+    rows = res["rows"]
+    try:
+        from pmpo.app.state import BackboneSpec
+        from pmpo.app.train import example_set_for
+    except ImportError as exc:
+        raise BenchError(f"pmpo.app.train.example_set_for is gone ({exc}): cannot make the Train tab's example set") from exc
+    # The set the page's "Use example training images" gives on this backbone (real photos on a real CLIP).
+    files = [Path(p) for p in example_set_for(BackboneSpec.of(bb[0], bb[1] or None), work / "train-examples")]
+    epochs, source = train_epochs(bb[0], bb[1] or None, opts.train_epochs)
+    method = default_of(endpoints, "/train", "method", "pmpo") or "pmpo"
+    budget = float(default_of(endpoints, "/train", "time_budget", 0) or 0)
+    res["train"] = {"epochs": epochs, "epochs_from": source, "n_files": len(files), "time_budget_s": budget,
+                    "page_default_epochs": default_of(endpoints, "/train", "epochs")}
+    page = res["train"]["page_default_epochs"]
+    if page is not None and int(page) != epochs:
+        res["notes"].append(f"The Train tab's Epochs slider starts at {page}; the benchmark used {epochs} ({source}).")
+    gain_target = cfg.get("gain_target")
+    for m, whole_target in ((method, cfg.get("whole_run_target_s")), ("coop", COOP_TARGET_S)):
+        label = (f"Train {METHOD_NAMES.get(m, m)} (≤ {epochs} epochs, budget {budget:g} s, "
+                 f"{len(files)} example images)")
+        try:
+            t = run_training(client, endpoints, m, epochs, files, bb, opts.train_timeout,
+                             gain=gain_target or (15.0, FIRST_HELDOUT_TARGET_S), budget_s=budget)
+        except BenchError as exc:
+            res["errors"].append(str(exc))
+            rows.append(make_row(f"{label}: first held-out comparison", [], target=f"≤ {FIRST_HELDOUT_TARGET_S:g} s",
+                                 error=str(exc)[:160]))
+            settle()  # a failed or timed-out run may still be computing
+            continue
+        res["train"][m] = t
+        peak = rss()
+        never = t["first_heldout_s"] is None
+        rows.append(make_row(f"{label}: first held-out comparison", [] if never else [t["first_heldout_s"]],
+                             target=f"≤ {FIRST_HELDOUT_TARGET_S:g} s", limit_s=FIRST_HELDOUT_TARGET_S, rss_gib=peak,
+                             value_text="never" if never else None, ok=False if never else None))
+        rows.append(make_row(f"{label}: whole run", [t["done_s"]],
+                             target=f"≤ {whole_target:g} s" if whole_target else "report",
+                             limit_s=whole_target, rss_gib=peak))
+        zs, tr, ips = t["zero_shot"], t["trained"], t["images_per_s"]
+        text = "—" if zs is None or tr is None else f"{zs:.1f} → {tr:.1f} %"
+        ok, target = None, "report"
+        if gain_target and m == method:
+            points, secs = gain_target
+            within, first = t.get(f"best_gain_within_{secs:g}s"), t.get(f"first_gain_{points:g}_s")
+            ok = within is not None and within >= points
+            target = (f"gain ≥ {points:g} points within {secs:g} s (best then {_fmt(within, 1)}; "
+                      f"≥ {points:g} first at {_fmt(first, 1)} s)")
+        rows.append(make_row(f"{label}: held-out zero-shot → trained; {_fmt(ips, 1)} images/s", [], value_text=text,
+                             target=target, ok=ok))
+
+
+# --- main ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", choices=("vitb16", "offline", "both"), default="both")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per interaction (median, min, max); default 3")
+    p.add_argument("--skip-train", action="store_true", help="leave out the Train tab rows")
+    p.add_argument("--json", type=Path, help="write everything measured here")
+    p.add_argument("--markdown", type=Path, help="write the tables here")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds each client call may take (default 300)")
+    p.add_argument("--train-timeout", type=float, default=1200.0, help="seconds one training may take (default 1200)")
+    p.add_argument("--start-timeout", type=float, default=300.0, help="seconds until the app must serve (default 300)")
+    p.add_argument("--idle-timeout", type=float, default=180.0,
+                   help="longest wait for the app's start-up work to finish before the floor (default 180)")
+    p.add_argument("--train-epochs", type=int, help="override the Train tab's default epochs")
+    p.add_argument("--image-px", type=int, default=224, help="side of the rendered test images (default 224)")
+    p.add_argument("--seed", type=int, default=1000, help="render seed (each repeat adds one)")
+    p.add_argument("--device", default="cpu", help="--device for app.py when it offers one (default cpu)")
+    p.add_argument("--floor-repeats", type=int, default=3,
+                   help="timings of the floor (at least --repeats; cycling over the same image sets); default 3")
+    p.add_argument("--no-text-floor", action="store_true", help="skip timing 1000 prompts through the text tower")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    args.threads = None  # filled in main(): torch's default here, before anything sets it = what the app runs with
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+
+    def on_term(signum, _frame):
+        raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the app
+
+    signal.signal(signal.SIGTERM, on_term)
+    keys = ["offline", "vitb16"] if opts.backbone == "both" else [opts.backbone]
+    import gradio
+    import gradio_client
+    import torch
+
+    opts.threads = torch.get_num_threads()  # the default (same environment as the app, which sets none)
+
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "repeats": opts.repeats, "timeout_s": opts.timeout,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "machine": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "load_before": list(os.getloadavg()),
+                    "torch": torch.__version__, "gradio": gradio.__version__, "gradio_client": gradio_client.__version__,
+                    "python": platform.python_version(), "threads": opts.threads,
+                    "nice": os.nice(0), "mem_total_gib": _mem_total_gib()},
+        "backbones": [],
+    }
+    load = result["machine"]["load_before"][0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        result["machine"]["busy_note"] = (f"The 1-minute load average was {load:.2f} on {os.cpu_count()} cores before the run: "
+                                          "other work shared the CPU, so these timings are upper bounds.")
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="pmpo-demo-bench-") as tmp:
+        try:
+            for key in keys:
+                print(f"[demo bench] {key}: starting the app…", file=sys.stderr, flush=True)
+                b = run_backbone(key, opts, Path(tmp), into=result["backbones"])
+                print(render_table(b["rows"]), file=sys.stderr, flush=True)
+                if b["errors"]:
+                    status = 1
+        except (KeyboardInterrupt, SystemExit) as exc:
+            print("[demo bench] interrupted; the app was stopped", file=sys.stderr)
+            result["interrupted"] = True
+            for b in result["backbones"][-1:]:
+                b["errors"].append("interrupted (Ctrl-C / SIGTERM): rows so far only")
+            status = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
+        finally:
+            result["machine"]["load_after"] = list(os.getloadavg())
+            text = render_markdown(result)
+            if opts.markdown:
+                opts.markdown.write_text(text)
+            if opts.json:
+                opts.json.write_text(json.dumps(result, indent=1, default=str))
+            print(text)
+    return status
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
