@@ -11,27 +11,39 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Hashable
+from typing import Hashable, Sequence, Union
 
 import torch
 
 
+Value = Union[torch.Tensor, Sequence["Value"]]
+
+
 class TensorCache:
-    """Least-recently-used map from hashable keys to tensors, holding at most ``max_bytes``."""
+    """Least-recently-used map from hashable keys to tensors (or nested lists / tuples of them),
+    holding at most ``max_bytes`` of tensor data."""
 
     def __init__(self, max_bytes: int = 256 * 2**20):
         self.max_bytes = int(max_bytes)
-        self._data: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._data: OrderedDict[Hashable, Value] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    @staticmethod
-    def _size(value: torch.Tensor) -> int:
-        return value.numel() * value.element_size()
+    @classmethod
+    def _size(cls, value: Value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        return sum(cls._size(v) for v in value)
 
-    def get(self, key: Hashable) -> torch.Tensor | None:
+    @classmethod
+    def _detach(cls, value: Value) -> Value:
+        if isinstance(value, torch.Tensor):
+            return value.detach()
+        return type(value)(cls._detach(v) for v in value)
+
+    def get(self, key: Hashable) -> Value | None:
         with self._lock:
             value = self._data.get(key)
             if value is None:
@@ -41,9 +53,9 @@ class TensorCache:
             self.hits += 1
             return value
 
-    def put(self, key: Hashable, value: torch.Tensor) -> None:
+    def put(self, key: Hashable, value: Value) -> None:
         """Store ``value`` (detached); one larger than the whole budget is not kept."""
-        value = value.detach()
+        value = self._detach(value)
         size = self._size(value)
         if size > self.max_bytes:
             return

@@ -210,7 +210,7 @@ def test_classify_views_match_the_model(state, pictures):
 @pytest.mark.parametrize("method", ["pmpo", "coop", "cocoop"])
 def test_each_image_goes_through_the_tower_once_across_tabs(state, pictures, tmp_path, method):
     """Classify runs one plain and (with visual prompts) one prompted pass per image; the same
-    images again, or in Embeddings, run none; a renamed copy is the same content; no visual
+    images again, in Embeddings or in Per-depth attention, run none; a renamed copy is the same content; no visual
     prompts (CoOp, CoCoOp): no prompted pass at all."""
     backbone = state.backbone()
     torch.manual_seed(1)
@@ -222,18 +222,20 @@ def test_each_image_goes_through_the_tower_once_across_tabs(state, pictures, tmp
     shift = 1 + ["pmpo", "coop", "cocoop"].index(method)  # content no other test (or parameter) has sent
     images = [Image.fromarray(np.roll(255 - np.asarray(im), shift, axis=1)) for im in images]
     counted = []
-    hook = backbone.clip.visual.transformer.resblocks[0].register_forward_pre_hook(
+    hook = backbone.clip.visual.conv1.register_forward_pre_hook(
         lambda _m, args: counted.append(args[0].shape[0]))
     try:
         first = classify.score(state, entry, images, ["a", "b", "c"], CLASSES, TEMPLATES)
         passes_first = sum(counted)
         again = classify.score(state, entry, [im.copy() for im in images], ["x", "y", "z"], CLASSES, TEMPLATES)
         embeddings.collect(state, entry, images, pictures[:3], ["a", "b", "c"], CLASSES, TEMPLATES)
+        maps = attention.attention_maps(state, entry, images[1], CLASSES, TEMPLATES, CLASSES[2])
     finally:
         hook.remove()
     visual = not entry.model.frozen_image_side
     assert passes_first == 3 * (2 if visual else 1) and first.passes == passes_first
-    assert sum(counted) == passes_first and again.passes == 0  # nothing recomputed
+    assert sum(counted) == passes_first and again.passes == 0  # nothing recomputed, attention maps included
+    assert maps.classname == CLASSES[2] and len(maps.cls_maps) == 1 + len(maps.segments)
     assert first.shared == (not visual)
     for view in classify.VIEWS:
         assert torch.allclose(first.probs[view], again.probs[view])

@@ -63,19 +63,6 @@ def truth_table(maps: AttentionMaps, masks) -> str:
             f"of the patches, {labels.chance:.2f}:\n\n" + "\n".join(lines))
 
 
-def vision_passes(model, x: torch.Tensor) -> tuple[VisionOutput, list[VisionOutput]]:
-    """The plain pass and the prompted pass(es), with attention and patch tokens."""
-    plain = model.vision(x, None, return_attention=True, return_tokens=True)
-    if model.prompts is None or not model.prompts.segments:
-        return plain, [plain]
-    if model.cfg.visual_pass == "per_prompt":
-        passes = [model.vision(x, model.visual_schedule(i), return_attention=True, return_tokens=True)
-                  for i in range(model.prompts.n_prompts)]
-    else:
-        passes = [model.vision(x, model.visual_schedule(), return_attention=True, return_tokens=True)]
-    return plain, passes
-
-
 def _grid(values: torch.Tensor) -> np.ndarray:
     side = int(math.isqrt(values.numel()))
     if side * side != values.numel():
@@ -105,10 +92,12 @@ def attention_maps(state: AppState, entry: LoadedModel, image: Image.Image, clas
                    templates: list[str], classname: str | None = None) -> AttentionMaps:
     """Maps for ``classname`` (default: the model's top prediction) on one image."""
     model = entry.model
+    plain, passes, _ = state.features.passes(entry, image)  # no pass for an image another tab has seen
+    if plain.attentions is None:
+        raise InputError("attention maps need open_clip's standard ResidualAttentionBlock; this backbone uses another block")
     with entry.lock:
         cw = state.class_weights(entry, classnames, templates)
-        x = preprocess(model, [image])
-        plain, passes = vision_passes(model, x)
+    x = preprocess(model, [image])  # the crop the maps are drawn on (no pass)
     n_layers = model.vision.n_layers
     segments = list(model.prompts.segments) if model.prompts is not None else []
 
