@@ -638,8 +638,8 @@ def run_backbone(key: str, opts: argparse.Namespace, work: Path, into: list | No
     try:
         from pmpo.app.state import EXAMPLE_CLASSES as classes
     except ImportError:
-        classes = ["red circle", "blue square", "green triangle", "yellow star",
-                   "purple hexagon", "orange cross", "cyan diamond", "pink heart"]
+        classes = ["red circle", "red triangle", "blue circle", "blue triangle",
+                   "green hexagon", "green diamond", "yellow hexagon", "yellow diamond"]
     classes = list(classes)[:N_IMAGES]
     img_dir = work / key / "images"
     seed = opts.seed

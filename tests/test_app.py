@@ -625,13 +625,14 @@ def test_benchmarks_show_reference_and_own_results(tmp_path):
 
 @pytest.mark.skipif(not app_state.offline_model_present(), reason="pmpo/checkpoints/shapeworld-clip is not in this copy yet")
 def test_offline_model_classifies_examples(tmp_path):
+    """The Classify examples on the offline model: zero-shot CLIP reads the swapped names wrong, the
+    shipped prompts (the default) read them (measured: 2 -> 7 of 8)."""
     st = open_state(app_state.OFFLINE_MODEL, None, device="cpu", cache_dir=tmp_path)
     paths = example_images(tmp_path / "examples")
     images = [Image.open(p).convert("RGB") for p in paths]
     scores = classify.score(st, st.model(), images, [Path(p).name for p in paths], app_state.EXAMPLE_CLASSES, TEMPLATES)
-    top = scores.probs["zero-shot CLIP"].argmax(-1)
-    correct = sum(int(top[i]) == i for i in range(len(paths)))
-    assert correct >= len(paths) // 2, f"zero-shot got {correct}/{len(paths)} example images right"
+    correct = {v: sum(int(scores.probs[v][i].argmax()) == i for i in range(len(paths))) for v in classify.VIEWS}
+    assert correct["learned"] >= correct["zero-shot CLIP"] + 3, correct
 
 
 @pytest.mark.skipif(not app_state.offline_model_present(), reason="pmpo/checkpoints/shapeworld-clip is not in this copy yet")

@@ -133,7 +133,7 @@ def test_every_tab_main_flow(page, served):
     page.goto(served[0])
     page.wait_for_selector("#classify-btn")
     page.locator("#examples-btn").click()
-    expect(page.locator("#images")).to_contain_text("pink_heart")
+    expect(page.locator("#images")).to_contain_text("yellow_diamond")
     page.locator("#classify-btn").click()
     expect(page.locator("#classify-status")).to_contain_text("8 image(s), 8 classes", timeout=180_000)
     header = page.locator("#topk-table th", has_text="learned").first

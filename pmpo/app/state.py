@@ -525,8 +525,11 @@ def _first_sentence(text: str) -> str:
 
 
 # --- example images -------------------------------------------------------------------------------
-EXAMPLE_CLASSES = ["red circle", "blue square", "green triangle", "yellow star",
-                   "purple hexagon", "orange cross", "cyan diamond", "pink heart"]
+# The Classify examples are one image of each class of the Train tab's example task (below): shapes
+# whose names the offline model's plain prompt reads swapped, so the first click shows what learned
+# prompts do (the shipped PMPO: 7 of these 8 right where zero-shot CLIP gets 2).
+EXAMPLE_CLASSES = ["red circle", "red triangle", "blue circle", "blue triangle",
+                   "green hexagon", "green diamond", "yellow hexagon", "yellow diamond"]
 
 
 EXAMPLE_SEED, EXAMPLE_SIZE = 7, 128
@@ -588,8 +591,7 @@ EXAMPLE_TRAIN_PER_CLASS = 16  # 12 to train on, 4 held out per class (with 8, th
 # "a photo of a red circle." leans to red triangles. The image features tell the shapes apart,
 # so a learned prompt can close the gap: the situation of real CLIP on a domain whose names its
 # captions used differently. Eight one-colour-apart classes would leave nothing to learn.
-TRAIN_EXAMPLE_CLASSES = ["red circle", "red triangle", "blue circle", "blue triangle",
-                         "green hexagon", "green diamond", "yellow hexagon", "yellow diamond"]
+TRAIN_EXAMPLE_CLASSES = EXAMPLE_CLASSES
 
 
 def example_training_images(folder: str | Path, classes: list[str] = TRAIN_EXAMPLE_CLASSES,
