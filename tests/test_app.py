@@ -245,6 +245,21 @@ def test_each_image_goes_through_the_tower_once_across_tabs(state, pictures, tmp
     assert image_digest(images[0]) == image_digest(images[0].copy()) != image_digest(images[1])
 
 
+def test_classify_can_answer_the_learned_columns_before_the_plain_pass(state, pictures):
+    """With visual prompts and new images, the learned columns come after one pass (the zero-shot
+    column shows as pending), and the full answer after the plain pass; none of it twice."""
+    entry = state.model()
+    images = [Image.fromarray(np.roll(np.asarray(Image.open(p).convert("RGB")), 7, axis=0)) for p in pictures[:2]]
+    assert classify.needs_two_passes(state, entry, images)
+    first = classify.score(state, entry, images, ["a", "b"], CLASSES, TEMPLATES, plain_pass=False)
+    assert "zero-shot CLIP" not in first.probs and first.passes == 2  # one prompted pass per image
+    assert all(row[2] == classify.PENDING for row in classify.topk_rows(first, 2))
+    assert "zero-shot CLIP" not in classify.as_json(first, 2)["images"][0]
+    assert not classify.needs_two_passes(state, entry, images)
+    full = classify.score(state, entry, images, ["a", "b"], CLASSES, TEMPLATES)
+    assert full.passes == 2 and torch.equal(full.probs["learned"], first.probs["learned"])  # the plain pass only
+
+
 def test_long_class_lists_report_text_progress(state):
     entry = state.model()
     names = [f"object number {i}" for i in range(700)]

@@ -46,18 +46,22 @@ class Scores:
 @torch.no_grad()
 def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], image_names: Sequence[str],
           classnames: list[str], templates: list[str],
-          progress: Callable[[int, int], None] | None = None) -> Scores:
+          progress: Callable[[int, int], None] | None = None, plain_pass: bool = True) -> Scores:
     """All views for ``images``: at most one plain and one prompted image pass per image (none for
     images the app has seen: :mod:`app.features`), and none of them for a method without visual
     prompts beyond the plain one. Holds the model's lock while the text side runs (its caches are
-    not thread-safe); ``progress(done, total)`` follows the text passes of a new class list."""
+    not thread-safe); ``progress(done, total)`` follows the text passes of a new class list.
+
+    ``plain_pass=False`` leaves out the zero-shot column when it would need a pass of its own (a
+    method with visual prompts, images not seen yet): the learned columns then cost one pass, and
+    the caller can show them while the plain pass runs (:func:`needs_two_passes`)."""
     model = entry.model
-    views = state.features.views(entry, images)
+    views = state.features.views(entry, images, plain=plain_pass)
     plain, feats = views.plain, views.prompted
     scale = model.logit_scale
     with entry.lock:
         cw = state.class_weights(entry, classnames, templates, progress)
-        zero_shot = scale * plain @ cw.prior.t()
+        zero_shot = scale * plain @ cw.prior.t() if plain is not None else None
         prior_view = zero_shot if views.shared else scale * torch.stack([f @ cw.prior.t() for f in feats]).mean(0)
         per_prompt = None
         if cw.conditional:  # CoCoOp: per-image class weights from the (frozen) image feature, one text pass
@@ -79,11 +83,23 @@ def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], im
         else:
             learned = scale * feats[0] @ cw.weights.t()
     rows = {VIEWS[0]: zero_shot, VIEWS[1]: prior_view, VIEWS[2]: learned}
-    probs = {v: r.softmax(-1).cpu() for v, r in rows.items()}
+    probs = {v: r.softmax(-1).cpu() for v, r in rows.items() if r is not None}
     segments = list(model.prompts.segments) if model.prompts is not None else []
     return Scores(list(classnames), list(image_names), probs,
                   per_prompt.softmax(-1).cpu() if per_prompt is not None else None,
                   segments, f"learned ({entry.choice})", views.shared, views.passes)
+
+
+def needs_two_passes(state: AppState, entry: LoadedModel, images: Sequence[Image.Image]) -> bool:
+    """True when Classify would run both a plain and a prompted pass for some image: then the
+    learned columns can be shown after the first (``score(..., plain_pass=False)``)."""
+    if entry.model.frozen_image_side:
+        return False
+    plain, prompted = state.features.missing(entry, images)
+    return plain > 0 and prompted > 0
+
+
+PENDING = "…"  # a column whose pass is still running
 
 
 def topk_rows(scores: Scores, k: int) -> list[list]:
@@ -91,11 +107,14 @@ def topk_rows(scores: Scores, k: int) -> list[list]:
     column (the main result) on screen at laptop widths (the exact numbers are in the JSON)."""
     k = max(1, min(int(k), len(scores.classnames)))
     rows = []
-    tops = {v: scores.probs[v].topk(k, dim=-1) for v in VIEWS}
+    tops = {v: scores.probs[v].topk(k, dim=-1) for v in VIEWS if v in scores.probs}
     for b, name in enumerate(scores.image_names):
         for r in range(k):
             row: list = [name, r + 1]
             for v in VIEWS:
+                if v not in tops:
+                    row.append(PENDING)
+                    continue
                 p, i = tops[v]
                 row.append(f"{scores.classnames[int(i[b, r])]} · {100 * float(p[b, r]):.1f} %")
             rows.append(row)
@@ -145,6 +164,8 @@ def as_json(scores: Scores, k: int) -> dict:
     for b, name in enumerate(scores.image_names):
         item = {"image": name}
         for v in VIEWS:
+            if v not in scores.probs:
+                continue  # still running (only in the first of two answers)
             p, i = scores.probs[v][b].topk(k)
             item[v] = [[scores.classnames[int(j)], round(float(q), 6)] for q, j in zip(p, i)]
         if scores.per_prompt is not None:
@@ -167,14 +188,14 @@ def bar_chart(scores: Scores, k: int) -> str:
     parts = [f'<div class="pmpo-bars" style="font-size:12px;line-height:1.25">'
              f'<div style="margin-bottom:6px">{legend}</div>']
     for b in range(n):
-        ids = list(dict.fromkeys(int(i) for v in reversed(VIEWS) for i in scores.probs[v][b].topk(k).indices))
+        ids = list(dict.fromkeys(int(i) for v in reversed(VIEWS) if v in scores.probs for i in scores.probs[v][b].topk(k).indices))
         parts.append(f'<div style="margin:8px 0 2px;font-weight:600">{html.escape(scores.image_names[b][:60])}</div>'
                      '<table style="border-collapse:collapse;width:100%">')
         for i in ids:
             bars = "".join(
                 f'<div title="{html.escape(label)}: {100 * float(scores.probs[v][b][i]):.1f} %" style="height:5px;margin:1px 0;'
                 f'background:{c};width:{max(0.5, 100 * float(scores.probs[v][b][i])):.1f}%"></div>'
-                for v, c, label in zip(VIEWS, COLOURS, labels))
+                for v, c, label in zip(VIEWS, COLOURS, labels) if v in scores.probs)
             top = 100 * float(scores.probs[VIEWS[2]][b][i])
             parts.append(f'<tr><td style="width:32%;padding:1px 6px 1px 0;white-space:nowrap;overflow:hidden;'
                          f'text-overflow:ellipsis;max-width:220px">{html.escape(scores.classnames[i][:40])}</td>'

@@ -82,10 +82,13 @@ class ImageFeatures:
         self.cache = cache if cache is not None else TensorCache(CACHE_BYTES)
 
     # --- what the tabs ask for ------------------------------------------------------------------
-    def views(self, entry: "LoadedModel", images: Sequence[Image.Image]) -> ImageViews:
-        plain, prompted, passes = self._passes(entry.spec, entry.fingerprint, entry.model, images)
+    def views(self, entry: "LoadedModel", images: Sequence[Image.Image], plain: bool = True) -> ImageViews:
+        """``plain=False``: leave out the plain features (None) when they would cost a pass of their
+        own, i.e. unless the image side is frozen (then they are the prompted view)."""
+        plain_outs, prompted, passes = self._passes(entry.spec, entry.fingerprint, entry.model, images,
+                                                    plain=plain or entry.model.frozen_image_side)
         norm = lambda outs: torch.cat([F.normalize(o.features.float(), dim=-1) for o in outs])  # noqa: E731
-        plain_feats = norm([p[0] for p in plain])
+        plain_feats = norm([p[0] for p in plain_outs]) if plain_outs is not None else None
         if prompted is None:
             return ImageViews(plain_feats, [plain_feats], True, passes)
         n_views = len(prompted[0])
@@ -96,6 +99,15 @@ class ImageFeatures:
         plain, prompted, passes = self._passes(entry.spec, entry.fingerprint, entry.model, [image])
         return plain[0][0], (prompted[0] if prompted is not None else plain[0]), passes
 
+    def missing(self, entry: "LoadedModel", images: Sequence[Image.Image]) -> tuple[int, int]:
+        """How many of ``images`` lack their plain and their prompted pass in the store."""
+        digests = [image_digest(im) for im in images]
+        plain = sum(self.cache.get(("plain", entry.spec, d)) is None for d in digests)
+        if entry.model.frozen_image_side:
+            return plain, 0
+        prompted = sum(self.cache.get(("prompted", entry.spec, entry.fingerprint, d)) is None for d in digests)
+        return plain, prompted
+
     def plain(self, spec: Hashable, model, images: Sequence[Image.Image]) -> torch.Tensor:
         """Normalised plain features [B, D] on the backbone ``spec`` names (a model being trained
         has no served entry yet; its frozen features are everyone's)."""
@@ -104,13 +116,14 @@ class ImageFeatures:
 
     # --- the store --------------------------------------------------------------------------------
     def _passes(self, spec: Hashable, fingerprint: str | None, model, images: Sequence[Image.Image],
-                prompted: bool = True) -> tuple[list[list[VisionOutput]], list[list[VisionOutput]] | None, int]:
+                prompted: bool = True, plain: bool = True
+                ) -> tuple[list[list[VisionOutput]] | None, list[list[VisionOutput]] | None, int]:
         digests = [image_digest(im) for im in images]
-        plain, n_plain = self._lookup(("plain", spec), digests, images, model, None)
+        plain_outs, n_plain = self._lookup(("plain", spec), digests, images, model, None) if plain else (None, 0)
         if not prompted or model.frozen_image_side:
-            return plain, None, n_plain
+            return plain_outs, None, n_plain
         prompted_outs, n_prompted = self._lookup(("prompted", spec, fingerprint), digests, images, model, model.prompts)
-        return plain, prompted_outs, n_plain + n_prompted
+        return plain_outs, prompted_outs, n_plain + n_prompted
 
     def _lookup(self, scope: tuple, digests: list[str], images: Sequence[Image.Image], model,
                 prompts) -> tuple[list[list[VisionOutput]], int]:

@@ -10,6 +10,7 @@ the app keeps serving whatever a request sends.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import uuid
 from typing import Callable
@@ -50,17 +51,30 @@ def guarded(empty: Callable[[str], tuple]) -> Callable:
     """Run a handler; on any exception show a toast and return ``("**Error:** …", *empty(message))``."""
 
     def wrap(fn: Callable) -> Callable:
+        def failed(exc: Exception):
+            if not isinstance(exc, PMPOError):
+                log.exception("handler %s failed", fn.__name__)
+            message = error_text(exc)
+            gr.Warning(message)
+            rest = empty(message)
+            return (f"**Error:** {message}", *rest) if rest else f"**Error:** {message}"
+
+        if inspect.isgeneratorfunction(fn):  # a handler that answers in stages
+            @functools.wraps(fn)
+            def stream(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - the UI must survive any request
+                    yield failed(exc)
+
+            return stream
+
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - the UI must survive any request
-                if not isinstance(exc, PMPOError):
-                    log.exception("handler %s failed", fn.__name__)
-                message = error_text(exc)
-                gr.Warning(message)
-                rest = empty(message)
-                return (f"**Error:** {message}", *rest) if rest else f"**Error:** {message}"
+                return failed(exc)
 
         return inner
 
@@ -101,19 +115,28 @@ def build_demo(state: AppState) -> gr.Blocks:
         def text_progress(done: int, total: int) -> None:  # a new long class list: the text passes take a while
             progress(done / max(total, 1), desc=f"text encoder: {done}/{total} sequences")
 
-        scores = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates, text_progress)
         for n in loaded.notices + classes.notices:
             gr.Warning(n)
         status = notices_md(entry.notices, classes.notices, loaded.notices) or ""
         status = f"**{len(loaded.names)} image(s), {len(classes.names)} classes** on {entry.spec.label}; {entry.description}.\n\n{status}"
         k = int(top_k)
-        return (
-            status,
-            pd.DataFrame(classify_tab.topk_rows(scores, k), columns=classify_tab.topk_headers()),
-            classify_tab.bar_chart(scores, k),
-            pd.DataFrame(classify_tab.per_prompt_rows(scores), columns=classify_tab.per_prompt_headers(classify_tab.per_prompt_k(scores))),
-            {**classify_tab.as_json(scores, k), "backbone": entry.spec.label},
-        )
+
+        def answer(scores: classify_tab.Scores, note: str = ""):
+            return (
+                status + note,
+                pd.DataFrame(classify_tab.topk_rows(scores, k), columns=classify_tab.topk_headers()),
+                classify_tab.bar_chart(scores, k),
+                pd.DataFrame(classify_tab.per_prompt_rows(scores),
+                             columns=classify_tab.per_prompt_headers(classify_tab.per_prompt_k(scores))),
+                {**classify_tab.as_json(scores, k), "backbone": entry.spec.label},
+            )
+
+        if classify_tab.needs_two_passes(state, entry, loaded.images):
+            # The learned columns after one image pass; zero-shot's plain pass follows.
+            first = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates, text_progress,
+                                       plain_pass=False)
+            yield answer(first, f"\n\n*Zero-shot CLIP column ({classify_tab.PENDING}): running the plain image pass…*")
+        yield answer(classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates, text_progress))
 
     @guarded(lambda message: (None, None))
     def attention(files, image_name, classname, classes_text, templates_text, checkpoint, bb_model, bb_pretrained,
