@@ -145,17 +145,28 @@ def _unnormalise(x: torch.Tensor, mean, std) -> np.ndarray:
     return ((x * s + m).clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
 
 
+def overlay(image: np.ndarray, grid: np.ndarray, cmap: str, alpha: float = 0.55) -> np.ndarray:
+    """``grid`` upsampled (bilinear) to the image, coloured with ``cmap`` over its own range and
+    blended onto ``image``, as one RGB array: the figure then draws one image per panel instead of
+    resampling two layers (it halved the cost of the figure, which is most of this tab's answer)."""
+    from matplotlib import colormaps
+
+    h, w = image.shape[:2]
+    up = np.asarray(Image.fromarray(grid.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
+    low, high = float(up.min()), float(up.max())
+    heat = colormaps[cmap]((up - low) / (high - low) if high > low else np.zeros_like(up))[..., :3]
+    return ((1 - alpha) * image / 255.0 + alpha * heat).clip(0, 1)
+
+
 def maps_figure(maps: AttentionMaps) -> Figure:
     """Two rows of heatmaps overlaid on the input crop; columns as in ``maps.titles``."""
     cols = len(maps.titles)
     fig = Figure(figsize=(2.6 * cols, 5.6), dpi=80, layout="constrained")
     axes = fig.subplots(2, cols, squeeze=False)
-    h, w = maps.image.shape[:2]
     for j in range(cols):
         for row, (grid, cmap) in enumerate(((maps.cls_maps[j], "inferno"), (maps.text_maps[j], "viridis"))):
             ax = axes[row][j]
-            ax.imshow(maps.image)
-            ax.imshow(grid, cmap=cmap, alpha=0.55, extent=(0, w, h, 0), interpolation="bilinear")
+            ax.imshow(overlay(maps.image, grid, cmap), interpolation="none")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

@@ -64,9 +64,10 @@ class ImageViews:
 def _record(out: VisionOutput, b: int) -> tuple[torch.Tensor, ...]:
     """Image ``b`` of a pass, compactly: (features [1, D], tokens [1, P, D] or empty, then per layer
     the CLS row of the attention [1, heads, 1, T_l]); T_l counts that layer's prompt tokens too."""
-    tokens = out.tokens[b:b + 1].detach().cpu() if out.tokens is not None else torch.empty(0)
-    rows = tuple(a[b:b + 1, :, :1].detach().cpu() for a in out.attentions or [])
-    return (out.features[b:b + 1].detach().float().cpu(), tokens, torch.tensor(out.n_tokens), *rows)
+    # clone(): a slice is a view that would keep the whole batch's [B, heads, T, T] maps alive.
+    tokens = out.tokens[b:b + 1].detach().cpu().clone() if out.tokens is not None else torch.empty(0)
+    rows = tuple(a[b:b + 1, :, :1].detach().cpu().clone() for a in out.attentions or [])
+    return (out.features[b:b + 1].detach().float().cpu().clone(), tokens, torch.tensor(out.n_tokens), *rows)
 
 
 def _output(record: tuple[torch.Tensor, ...], device) -> VisionOutput:
