@@ -95,8 +95,7 @@ def screenshots(url: str, out: Path, examples: list[str]) -> list[Path]:
         capture("embeddings")
 
         page.get_by_role("tab", name="Train").click()
-        page.locator("#train-examples-btn").click()  # 8 classes x 16 downstream renders; 4 per class held out
-        # (the slider starts at the offline model's 20 epochs: about a minute on 2 cores)
+        page.locator("#train-examples-btn").click()  # offline: 8 classes x 16 downstream renders; 4 per class held out
         expect(page.locator("#train-files")).to_contain_text(f"yellow_diamond_{EXAMPLE_TRAIN_PER_CLASS}")
         page.locator("#train-btn").click()
         expect(page.locator("#train-status")).to_contain_text("Held-out accuracy", timeout=300_000)
