@@ -550,6 +550,7 @@ def test_held_out_scores_arrive_while_training_and_cancel_keeps_the_prompts(stat
     assert final.heldout["trained"] == final.report["heldout"][-1]["trained"]
     frame = train_tab.progress_frame(final.history, final.report)
     assert set(frame["series"]) >= {"held-out: prompts so far", "held-out: zero-shot"}
+    assert frame["accuracy"].dtype.kind == "f" and train_tab.progress_frame([], {})["step"].dtype.kind == "i"
 
 
 def test_time_budget_fits_the_epochs_and_stops_the_run(state, tmp_path, monkeypatch):
@@ -660,6 +661,7 @@ def test_offline_app_starts_with_shipped_learned_prompts(tmp_path):
     assert {"shipped: pmpo", "shipped: maple", "shipped: coop"} <= set(st.checkpoint_choices("anyone"))
     entry = st.model()
     assert entry.model.cfg.method == "pmpo" and "held-out test accuracy" in " ".join(entry.notices)
+    assert not any("another CLIP" in n for n in entry.notices)  # trained on this very backbone
     paths = app_state.example_training_images(tmp_path / "examples")
     images = [Image.open(p).convert("RGB") for p in paths]
     labels = torch.tensor([app_state.TRAIN_EXAMPLE_CLASSES.index(label_from_filename(p, app_state.TRAIN_EXAMPLE_CLASSES))

@@ -377,7 +377,7 @@ class AppState:
                 raise CheckpointError(str(exc).replace(str(path), repr(choice))) from exc
             if choice.startswith(SHIPPED_PREFIX):
                 notices.append(shipped_note(choice, path))
-            if _backbone_key(stored.model) != _backbone_key(backbone.model_name) or (
+            if _backbone_key(resolve_model_name(stored.model)) != _backbone_key(backbone.model_name) or (
                 (stored.pretrained or "none") != (backbone.pretrained or "none") and not backbone.model_name.startswith(LOCAL_DIR)
             ):
                 notices.append(

@@ -371,8 +371,8 @@ def build_demo(state: AppState) -> gr.Blocks:
                             train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
                             cancel_btn = gr.Button("Cancel (keeps what was learned)", variant="stop", elem_id="cancel-btn")
                         train_status = gr.Markdown(elem_id="train-status")
-                        train_plot = gr.LinePlot(train_tab.progress_frame([], {}), x="step", y="accuracy", color="series",
-                                                 y_lim=[0, 100], height=230, label="Accuracy (%) while training",
+                        train_plot = gr.LinePlot(None, x="step", y="accuracy", color="series", color_map=train_tab.SERIES,
+                                                 y_lim=[0, 100], height=290, label="Accuracy (%) while training",
                                                  elem_id="train-plot")
                         with gr.Row():
                             train_download = gr.File(label="Trained prompts (.safetensors)", interactive=False, height=60)
