@@ -27,8 +27,10 @@ def launch(args: list[str], log_path: str | Path, env: dict[str, str] | None = N
            timeout: float = 120.0) -> tuple[subprocess.Popen, str, float]:
     """Run ``app.py *args`` on a free port; return (process, url, seconds until the page answered 200)."""
     port = free_port()
-    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT), **(env or {})}
+    # The caller's SPACE_ID (a test of Space behaviour) counts; one inherited from the environment does not.
+    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
     full_env.pop("SPACE_ID", None)
+    full_env.update(env or {})
     log_path = Path(log_path)
     log = open(log_path, "w")
     start = time.perf_counter()

@@ -3,7 +3,9 @@
 
 Every option can also come from the environment, which is how Hugging Face Spaces configures
 an app: PMPO_MODEL, PMPO_PRETRAINED, PMPO_CHECKPOINT, PMPO_DEVICE, PORT or GRADIO_SERVER_PORT,
-GRADIO_SERVER_NAME, and PMPO_WARMUP=0 (skip compiling UMAP in the background at start). Without a network the default backbone (ViT-B-16-quickgelu + openai) is
+GRADIO_SERVER_NAME, and PMPO_WARMUP=0 (skip compiling UMAP in the background at start); the owner's
+training limits are PMPO_MAX_TRAIN_SECONDS, PMPO_MAX_TRAIN_IMAGES and PMPO_MAX_TRAININGS
+(``pmpo.app.train.TrainLimits``). Without a network the default backbone (ViT-B-16-quickgelu + openai) is
 replaced by the shipped offline ShapeWorld CLIP, and the page says so.
 """
 
@@ -70,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     atexit.register(state.cleanup)
     # SIGTERM (a Space restarting, `kill`) exits through Python so that the cleanup runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    demo = build_demo(state)
+    try:
+        demo = build_demo(state)
+    except PMPOError as exc:  # e.g. an owner's limit that is not a number
+        print(f"app.py: error: {exc}", file=sys.stderr)
+        return 1
     if os.environ.get("PMPO_WARMUP", "1") != "0":
         from pmpo.app.embeddings import warm_up
 

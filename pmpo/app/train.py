@@ -268,13 +268,73 @@ class TrainUpdate:
         return {"n": self.report.get("n_heldout"), **rows[-1]} if rows else None
 
 
+@dataclass(frozen=True)
+class TrainLimits:
+    """What a server's owner allows one training (environment variables; a public Space, where
+    ``SPACE_ID`` is set, gets defaults that keep it shared):
+
+    * ``PMPO_MAX_TRAIN_SECONDS`` — every run stops there at the latest, keeps its prompts and
+      reports held-out accuracy (Space default 600; elsewhere none);
+    * ``PMPO_MAX_TRAIN_IMAGES`` — training images per run (Space default 500; elsewhere 2000);
+    * ``PMPO_MAX_TRAININGS`` — trainings running at once, server-wide; more wait in the queue
+      (default 1). A session never runs two at once."""
+
+    max_seconds: float = 0.0  # 0: no limit
+    max_images: int = MAX_TRAIN_IMAGES
+    max_concurrent: int = 1
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "TrainLimits":
+        env = os.environ if env is None else env
+        space = bool(env.get("SPACE_ID"))
+
+        def number(name: str, default: float, kind=float, least: float = 0):
+            raw = env.get(name, "").strip()
+            if not raw:
+                return kind(default)
+            try:
+                value = kind(float(raw))
+            except ValueError:
+                raise InputError(f"{name}={raw!r} is not a number") from None
+            if value < least:
+                raise InputError(f"{name} must be at least {least:g}, got {raw}")
+            return value
+
+        return cls(max_seconds=number("PMPO_MAX_TRAIN_SECONDS", 600 if space else 0),
+                   max_images=number("PMPO_MAX_TRAIN_IMAGES", 500 if space else MAX_TRAIN_IMAGES, int, 2),
+                   max_concurrent=number("PMPO_MAX_TRAININGS", 1, int, 1))
+
+    def budget(self, requested: float) -> float:
+        """The run's time budget: the visitor's (0 = none), never above the owner's limit."""
+        requested = float(requested or 0)
+        if not self.max_seconds:
+            return requested
+        return min(requested, self.max_seconds) if requested else self.max_seconds
+
+    def check_images(self, n: int) -> None:
+        if n > self.max_images:
+            raise InputError(f"{n} training images is more than this server's limit of {self.max_images} "
+                             "(PMPO_MAX_TRAIN_IMAGES); use fewer, or `pmpo train` on your own machine.")
+
+    def describe(self) -> str:
+        seconds = f"every run stops after **{self.max_seconds:.0f} s**" if self.max_seconds else "no time limit"
+        return (f"*Limits on this server: {seconds} (keeping what it learned); at most **{self.max_images}** "
+                f"training images; {self.max_concurrent} training(s) at once (others wait in line), one per visitor.*")
+
+
 class TrainJobs:
     """Cancel events of running trainings, by session: bounded, entries removed when a run ends."""
 
     def __init__(self, capacity: int = 16):
         self._events: LRU[str, threading.Event] = LRU(capacity)
 
+    def running(self, key: str) -> bool:
+        return self._events.get(key) is not None
+
     def start(self, key: str) -> threading.Event:
+        """A cancel event for ``key``'s new run; refused while that session's last run goes on."""
+        if self.running(key):
+            raise InputError("A training of yours is still running: wait for it, or Cancel it (what it learned is kept).")
         event = threading.Event()
         self._events.put(key, event)
         return event

@@ -95,6 +95,7 @@ def build_demo(state: AppState) -> gr.Blocks:
     """The whole app; ``state`` holds the models and is shared by every session."""
     examples = example_images(state.cache_dir / "examples")
     jobs = train_tab.TrainJobs()
+    limits = train_tab.TrainLimits.from_env()
 
     def resolve(bb_model: str, bb_pretrained: str, choice: str, request: gr.Request | None):
         return state.model(BackboneSpec.of(bb_model, bb_pretrained), choice or state.default_choice, session_of(request))
@@ -219,12 +220,13 @@ def build_demo(state: AppState) -> gr.Blocks:
                 items, names = train_tab.items_from_folder(folder)
             else:
                 items, names = train_tab.items_from_table(train_files, label_table)
+            limits.check_images(len(items))
             spec = BackboneSpec.of(bb_model, bb_pretrained)
             stop = jobs.start(key)
             yield (f"Training **{method}** on {len(items)} images of {len(names)} classes ({', '.join(names[:8])}"
                    f"{'…' if len(names) > 8 else ''}) on {spec.label}…", empty_plot, {"phase": "starting"}, None, gr.update())
             for upd in train_tab.run_training(state, spec, method, int(epochs), items, names, stop, name=name,
-                                              session=key, budget_s=float(time_budget or 0)):
+                                              session=key, budget_s=limits.budget(time_budget)):
                 if upd.error:
                     gr.Warning(upd.status)
                 dropdown = (gr.update(choices=state.checkpoint_choices(key), value=upd.choice) if upd.choice
@@ -247,7 +249,7 @@ def build_demo(state: AppState) -> gr.Blocks:
             thumbs = train_tab.class_thumbnails(train_files, label_table)
             n_images = sum(r[1] for r in rows)
             line = train_tab.describe_estimate(state, BackboneSpec.of(bb_model, bb_pretrained), method, n_images,
-                                               len(rows), int(epochs), float(time_budget or 0))
+                                               len(rows), int(epochs), limits.budget(time_budget))
         except Exception as exc:  # noqa: BLE001 - an overview must never break the page
             if not isinstance(exc, PMPOError):
                 log.exception("train overview failed")
@@ -363,10 +365,14 @@ def build_demo(state: AppState) -> gr.Blocks:
                             train_method = gr.Dropdown(list(train_tab.TRAIN_METHODS), value="pmpo", label="Method", min_width=100)
                             train_epochs = gr.Slider(1, train_tab.MAX_EPOCHS, value=train_tab.default_epochs(state.default_spec),
                                                      step=1, label="Epochs (at most)", elem_id="train-epochs")
-                            train_budget = gr.Slider(0, train_tab.MAX_BUDGET_S, value=train_tab.DEFAULT_BUDGET_S, step=10,
-                                                     label="Time budget, s (0 = none)", elem_id="train-budget")
+                            train_budget = gr.Slider(0, limits.max_seconds or train_tab.MAX_BUDGET_S,
+                                                     value=min(train_tab.DEFAULT_BUDGET_S, limits.max_seconds or train_tab.MAX_BUDGET_S),
+                                                     step=10, elem_id="train-budget",
+                                                     label="Time budget, s (0 = " + (f"the limit, {limits.max_seconds:.0f} s)"
+                                                                                     if limits.max_seconds else "none)"))
                             train_name = gr.Textbox(label="Checkpoint name (optional)", value="", min_width=120)
                         train_estimate = gr.Markdown(elem_id="train-estimate")
+                        gr.Markdown(limits.describe(), elem_id="train-limits")
                         with gr.Row():
                             train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
                             cancel_btn = gr.Button("Cancel (keeps what was learned)", variant="stop", elem_id="cancel-btn")
@@ -415,7 +421,7 @@ def build_demo(state: AppState) -> gr.Blocks:
         train_btn.click(train, [train_files, label_table, train_zip, train_folder, train_method, train_epochs, train_budget,
                                 train_name, *backbone_inputs],
                         [train_status, train_plot, train_report, train_download, checkpoint], api_name="train",
-                        concurrency_limit=1, concurrency_id="train")
+                        concurrency_limit=limits.max_concurrent, concurrency_id="train")
         cancel_btn.click(cancel, None, train_status, api_name="cancel_training", concurrency_limit=None)
         bench_btn.click(benchmarks, bench_dir, [bench_status, bench_ref, bench_ours, bench_plot], api_name="benchmarks")
         demo.load(refresh_choices, checkpoint, checkpoint, api_name=False)

@@ -1,0 +1,127 @@
+"""The served app as a public Space runs it: start-up from a checkpoint alone, owner-set training
+limits, one training per visitor (``python app.py`` in a subprocess, driven by gradio_client)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pmpo import PMPOConfig, build_model, load_backbone
+from pmpo.app import state as app_state
+from pmpo.app.launcher import launch, stop
+from pmpo.app.train import TrainLimits, TrainJobs
+from pmpo.errors import InputError
+
+
+def test_limits_come_from_the_environment_with_space_defaults():
+    assert TrainLimits.from_env({}) == TrainLimits(0.0, 2000, 1)
+    space = TrainLimits.from_env({"SPACE_ID": "me/pmpo"})
+    assert (space.max_seconds, space.max_images, space.max_concurrent) == (600, 500, 1)
+    owner = TrainLimits.from_env({"SPACE_ID": "me/pmpo", "PMPO_MAX_TRAIN_SECONDS": "25", "PMPO_MAX_TRAIN_IMAGES": "64",
+                                  "PMPO_MAX_TRAININGS": "2"})
+    assert (owner.max_seconds, owner.max_images, owner.max_concurrent) == (25, 64, 2)
+    assert owner.budget(0) == 25 and owner.budget(10) == 10 and owner.budget(300) == 25
+    assert TrainLimits.from_env({}).budget(0) == 0  # a local app: no budget unless the visitor sets one
+    assert "25 s" in owner.describe() and "64" in owner.describe()
+    with pytest.raises(InputError, match="PMPO_MAX_TRAIN_SECONDS"):
+        TrainLimits.from_env({"PMPO_MAX_TRAIN_SECONDS": "soon"})
+    with pytest.raises(InputError, match="PMPO_MAX_TRAININGS"):
+        TrainLimits.from_env({"PMPO_MAX_TRAININGS": "0"})
+    with pytest.raises(InputError, match="limit of 64"):
+        owner.check_images(65)
+
+
+def test_a_session_runs_one_training_at_a_time():
+    jobs = TrainJobs()
+    first = jobs.start("visitor")
+    with pytest.raises(InputError, match="still running"):
+        jobs.start("visitor")
+    assert jobs.start("someone else") is not first
+    jobs.finish("visitor", first)
+    assert jobs.start("visitor") is not first
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory) -> Path:
+    backbone = load_backbone(tiny_model)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-coop.safetensors"
+    build_model(PMPOConfig(method="coop", model=backbone.model_name, pretrained="none"), backbone=backbone).save(str(path))
+    return path
+
+
+def _classify_status(client, folder: Path) -> str:
+    """The status line of one Classify: it names the prompt checkpoint and method in use."""
+    from gradio_client import handle_file
+
+    example = app_state.example_images(folder)[0]
+    status, *_ = client.predict(files=[handle_file(example)], classes_text="red circle, blue circle",
+                                api_name="/classify")
+    return status
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_start_with_only_a_checkpoint(checkpoint, tmp_path, how):
+    """`python app.py --checkpoint FILE` (or PMPO_CHECKPOINT alone, as a Space is configured): the
+    backbone is the one the checkpoint names and its prompts are selected."""
+    from gradio_client import Client
+
+    args, env = (["--checkpoint", str(checkpoint)], {}) if how == "flag" else ([], {"PMPO_CHECKPOINT": str(checkpoint)})
+    proc, url, _ = launch([*args, "--device", "cpu"], tmp_path / "app.log",
+                          env={"PMPO_WARMUP": "0", "PMPO_CACHE_DIR": str(tmp_path / "cache"), **env})
+    try:
+        status = _classify_status(Client(url, verbose=False), tmp_path / "examples")
+        assert "upload: tiny-coop.safetensors" in status and "coop" in status, status
+    finally:
+        stop(proc)
+
+
+def test_a_checkpoint_whose_backbone_cannot_load_leaves_a_notice_and_a_working_app(checkpoint, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(checkpoint), "pt") as fh:
+        meta = fh.metadata()
+    cfg = json.loads(meta["config"])
+    cfg["model"] = "local-dir:/nonexistent/elsewhere-clip"
+    meta["config"] = json.dumps(cfg)
+    moved = tmp_path / "elsewhere.safetensors"
+    save_file(load_file(str(checkpoint)), str(moved), metadata=meta)
+    log = tmp_path / "app.log"
+    proc, url, _ = launch(["--checkpoint", str(moved), "--device", "cpu"], log,
+                          env={"PMPO_WARMUP": "0", "PMPO_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        from gradio_client import Client
+
+        status = _classify_status(Client(url, verbose=False), tmp_path / "examples")
+        assert status.startswith("**1 image(s)"), status  # the app serves
+        assert "Could not load" in log.read_text() or "not loaded" in log.read_text()
+    finally:
+        stop(proc)
+
+
+def test_space_limit_stops_a_long_training_with_a_held_out_result(tiny_model, tmp_path):
+    """SPACE_ID set and PMPO_MAX_TRAIN_SECONDS: a 50-epoch request stops at the limit, keeps its
+    prompts and reports the held-out score; the page states the limits."""
+    from gradio_client import Client, handle_file
+
+    from pmpo.app.train import FASHION_PER_CLASS
+    from pmpo.app.fashion import fashion_images
+
+    proc, url, _ = launch(["--model", tiny_model, "--device", "cpu"], tmp_path / "app.log",
+                          env={"PMPO_WARMUP": "0", "PMPO_CACHE_DIR": str(tmp_path / "cache"), "SPACE_ID": "test/pmpo",
+                               "PMPO_MAX_TRAIN_SECONDS": "4", "PMPO_ALLOWED_BACKBONES": tiny_model})
+    try:
+        client = Client(url, verbose=False)
+        files = [handle_file(p) for p in fashion_images(per_class=FASHION_PER_CLASS)[:40]]
+        job = client.submit(train_files=files, zip_file=None, method="pmpo", epochs=50, time_budget=0,
+                            api_name="/train")
+        status, _, report, checkpoint, _ = job.outputs()[-1] if job.result() is not None else (None,) * 5
+        assert "Stopped at the time budget" in status and "Held-out accuracy" in status, status
+        assert report["budget_s"] == 4 and report["stopped"] and report["heldout"] and Path(checkpoint).is_file()
+    finally:
+        stop(proc)
