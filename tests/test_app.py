@@ -599,6 +599,13 @@ def test_train_jobs_are_bounded_and_cleaned_up():
 
 # --- benchmarks ------------------------------------------------------------------------------------
 
+def test_benchmarks_refuse_absurd_folder_names_with_a_message():
+    with pytest.raises(InputError, match="not a folder name"):
+        benchmarks.build_view("x" * 200_000)
+    with pytest.raises(InputError, match="at least one"):
+        benchmarks.build_view("  ")
+
+
 def test_benchmarks_show_reference_and_own_results(tmp_path):
     from pmpo.protocols import RESULT_FORMAT
     from pmpo.reference import base2new_reference

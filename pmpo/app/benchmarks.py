@@ -91,11 +91,19 @@ def hm_groups(ours: pd.DataFrame) -> dict[str, dict[str, float]]:
     return groups
 
 
+MAX_PATH_CHARS = 1024
+
+
 def resolve_dirs(text: str) -> list[Path]:
     dirs, here = [], Path.cwd().resolve()
     for part in split_lines_or_commas(text or ""):
+        if len(part) > MAX_PATH_CHARS:
+            raise InputError(f"A result folder's name of {len(part)} characters is not a folder name (limit {MAX_PATH_CHARS}).")
         path = Path(part).expanduser()
-        path = (path if path.is_absolute() else here / path).resolve()
+        try:
+            path = (path if path.is_absolute() else here / path).resolve()
+        except OSError as exc:
+            raise InputError(f"{part[:80]!r} is not a readable folder name ({exc.strerror or exc}).") from exc
         if not path.is_relative_to(here) and os.environ.get("SPACE_ID"):
             raise InputError(f"On a public Space only folders inside the project can be read, not {part!r}.")
         dirs.append(path)
