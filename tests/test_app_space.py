@@ -125,3 +125,40 @@ def test_space_limit_stops_a_long_training_with_a_held_out_result(tiny_model, tm
         assert report["budget_s"] == 4 and report["stopped"] and report["heldout"] and Path(checkpoint).is_file()
     finally:
         stop(proc)
+
+
+def test_every_endpoint_answers_garbage_with_a_reason_and_keeps_serving(tiny_model, tmp_path):
+    """None, wrong types, a 200 kB string, a list of non-files and files that are no images, sent to
+    every endpoint ``view_api`` lists (new endpoints are covered without touching this test): each
+    answer is a message in the page's status or a refusal that names the problem, never Gradio's
+    generic failure or a traceback, and the server keeps serving."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    proc, url, _ = launch(["--model", tiny_model, "--device", "cpu"], tmp_path / "app.log",
+                          env={"PMPO_WARMUP": "0", "PMPO_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        client = Client(url, verbose=False)
+        endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+        assert {"/classify", "/attention", "/embeddings", "/train", "/upload_checkpoint"} <= set(endpoints)
+        note = tmp_path / "note.txt"
+        note.write_text("not an image")
+        garbage = {"none": None, "number": 12345, "huge string": "x" * 200_000, "list": [1, "a", None],
+                   "mapping": {"a": 1}, "non-images": [handle_file(str(note))] * 3}
+        for name, endpoint in endpoints.items():
+            for kind, value in garbage.items():
+                kwargs = {p["parameter_name"]: value for p in endpoint["parameters"]}
+                try:
+                    out = client.submit(api_name=name, **kwargs).result(timeout=120)
+                except AppError as exc:
+                    message = str(exc)
+                    assert "verbose error reporting" not in message and "Traceback" not in message, (name, kind, message)
+                    assert message.strip(), (name, kind)
+                    continue
+                status = out[0] if isinstance(out, (list, tuple)) else out
+                assert "Internal error" not in str(status), (name, kind, status)
+        example = app_state.example_images(tmp_path / "examples")[0]
+        status, *_ = client.predict(files=[handle_file(example)], classes_text="red circle, blue circle", api_name="/classify")
+        assert status.startswith("**1 image(s)"), status  # still serving
+    finally:
+        stop(proc)

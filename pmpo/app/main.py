@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
         threading.Thread(target=warm_up, name="pmpo-umap-warm-up", daemon=True).start()
     say(f"loaded {state.default_spec.label} on {state.device}; building the page and starting the server…")
+    # show_error: an input that Gradio itself refuses (a wrong type, a value outside a list) reaches the API
+    # client as its one-line reason, not as a generic failure; the handlers turn their own errors into messages.
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed_paths(state),
+                show_error=True,
                 footer_links=["api"])
     return 0
 
