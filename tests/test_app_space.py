@@ -162,3 +162,27 @@ def test_every_endpoint_answers_garbage_with_a_reason_and_keeps_serving(tiny_mod
         assert status.startswith("**1 image(s)"), status  # still serving
     finally:
         stop(proc)
+
+
+def test_a_training_gives_way_to_requests_between_its_steps(tiny_model, tmp_path):
+    """While a request computes (``state.inference.busy()``), a training finishes the step it is in
+    and waits before the next one; released, it runs to the end."""
+    import threading
+    import time
+
+    from pmpo.app import train as train_tab
+    from test_app import _colour_set
+
+    st = app_state.open_state(tiny_model, None, device="cpu", cache_dir=tmp_path / "cache", shipped_dir=tmp_path)
+    items, names = train_tab.items_from_table(_colour_set(tmp_path), None)
+    run = train_tab.run_training(st, st.default_spec, "coop", 30, items, names, threading.Event(), poll_s=0.01)
+    with st.inference.busy():
+        held = time.perf_counter()
+        upd = next(run)
+        while time.perf_counter() - held < 2.0:
+            upd = next(run)
+        steps_while_busy = len(upd.history)
+    for upd in run:
+        pass
+    assert steps_while_busy <= 1 and upd.done and len(upd.history) == upd.history[-1]["total_steps"], upd.status
+    assert st.inference.wait_idle(0.1) < 0.1  # nothing left busy

@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -125,6 +126,36 @@ class LRU(Generic[K, V]):
             return len(self._data)
 
 
+class InferenceGate:
+    """Lets a training give way to visitors' requests: inference holds ``busy()``; the training
+    thread calls ``wait_idle()`` between steps and pauses while any request computes. On a 2-core
+    server the two otherwise split the cores, and every answer takes as long as a training step."""
+
+    def __init__(self):
+        self._active = 0
+        self._idle = threading.Condition()
+
+    @contextlib.contextmanager
+    def busy(self):
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                if not self._active:
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> float:
+        """Block until no request computes (at most ``timeout`` s, so a flood cannot stop a training
+        for good); returns the seconds waited."""
+        start = time.perf_counter()
+        with self._idle:
+            self._idle.wait_for(lambda: self._active == 0, timeout=timeout)
+        return time.perf_counter() - start
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """Which CLIP: an open_clip name (or ``local-dir:PATH``) and a pretrained tag/file or None."""
@@ -221,6 +252,7 @@ class AppState:
         self._load_lock = threading.RLock()
         # Image features shared by every tab and session (keyed by content, backbone and prompts).
         self.features = ImageFeatures()
+        self.inference = InferenceGate()  # trainings pause between steps while a request computes
         # Measured seconds per image / text pass of each backbone (the Train tab's estimates).
         self.pass_costs: LRU[BackboneSpec, object] = LRU(max_backbones + 2)
 

@@ -368,6 +368,7 @@ APP_CACHED_VIEWS = 2
 # EVAL_GAP_MAX_S, and otherwise when scoring has cost no more than 1/EVAL_SHARE of the time since.
 EVAL_GAP_MIN_S, EVAL_GAP_MAX_S, EVAL_SHARE = 4.0, 45.0, 5.0
 FIRST_EVAL_S = 12.0  # the first comparison after this much training (or the first epoch's end)
+YIELD_MAX_S = 30.0  # longest pause of a training for visitors' requests between two of its steps
 
 
 def _is_offline_model(model_name: str) -> bool:
@@ -626,19 +627,21 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
 
     updates: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
-    clock = {"train_start": None, "last_eval": None, "eval_total": 0.0, "budget_hit": False}
+    clock = {"train_start": None, "last_eval": None, "off_steps_s": 0.0, "budget_hit": False}
     steps_per_epoch = max(1, len(items) // cfg.batch_size)
 
     def score(entry: dict) -> None:
         """Runs in the training thread, between optimizer steps."""
         accuracy = scorer.trained()
-        clock["eval_total"] += scorer.cost_s
+        clock["off_steps_s"] += scorer.cost_s
         clock["last_eval"] = time.perf_counter()
         updates.put({"type": "heldout", "elapsed_s": time.perf_counter() - started, "step": entry["step"],
                      "epoch": round(entry["epoch"] - 1 + entry["epoch_step"] / steps_per_epoch, 2),
                      "zero_shot": report["zero_shot"], "trained": accuracy})
 
     def progress(entry: dict) -> None:
+        if entry.get("type") == "step":  # give way to visitors' requests between steps
+            clock["off_steps_s"] += state.inference.wait_idle(YIELD_MAX_S)
         now = time.perf_counter()
         if entry.get("type") == "step" and clock["train_start"] is None:
             clock["train_start"] = now
@@ -752,7 +755,7 @@ def _eta(history: list[dict], cfg, clock: dict, est: Estimate, scorer: HeldOut |
     if not history or clock["train_start"] is None:
         return round(est.total(cfg.epochs), 1)
     h = history[-1]
-    spent = time.perf_counter() - clock["train_start"] - clock["eval_total"]
+    spent = time.perf_counter() - clock["train_start"] - clock["off_steps_s"]
     per_step = spent / max(1, h["step"])
     left = (h["total_steps"] - h["step"]) * per_step
     if scorer is not None:

@@ -134,10 +134,13 @@ def build_demo(state: AppState) -> gr.Blocks:
 
         if classify_tab.needs_two_passes(state, entry, loaded.images):
             # The learned columns after one image pass; zero-shot's plain pass follows.
-            first = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates, text_progress,
-                                       plain_pass=False)
+            with state.inference.busy():
+                first = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates,
+                                           text_progress, plain_pass=False)
             yield answer(first, f"\n\n*Zero-shot CLIP column ({classify_tab.PENDING}): running the plain image pass…*")
-        yield answer(classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates, text_progress))
+        with state.inference.busy():
+            scores = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates, text_progress)
+        yield answer(scores)
 
     @guarded(lambda message: (None, None))
     def attention(files, image_name, classname, classes_text, templates_text, checkpoint, bb_model, bb_pretrained,
@@ -148,7 +151,8 @@ def build_demo(state: AppState) -> gr.Blocks:
             paths = [p for p in paths if display_name(p) == image_name] or paths
         loaded = load_images(paths[:1])
         entry = resolve(bb_model, bb_pretrained, checkpoint, request)
-        maps = attention_tab.attention_maps(state, entry, loaded.images[0], classes.names, templates, classname or None)
+        with state.inference.busy():
+            maps = attention_tab.attention_maps(state, entry, loaded.images[0], classes.names, templates, classname or None)
         status = (f"**{loaded.names[0]}**, class **{maps.classname}**, {entry.description}. Row 1: CLS→patch attention "
                   "(mean over heads and the segment's layers); row 2: cosine of each patch token with the class "
                   "embedding. " + notices_md(entry.notices) + "\n\n"
@@ -160,7 +164,8 @@ def build_demo(state: AppState) -> gr.Blocks:
         classes, templates = task(classes_text, templates_text)
         loaded = load_images(files)
         entry = resolve(bb_model, bb_pretrained, checkpoint, request)
-        emb = embeddings_tab.embed(state, entry, loaded.images, loaded.paths, loaded.names, classes.names, templates, method)
+        with state.inference.busy():
+            emb = embeddings_tab.embed(state, entry, loaded.images, loaded.paths, loaded.names, classes.names, templates, method)
         status = (f"{len(emb.frame)} points ({len(loaded.names)} images × 2 views, {len(classes.names)} classes × "
                   f"{emb.frame['source'].str.startswith('text').sum() // max(1, len(classes.names))} text sources), {method}. "
                   "Hover a point to see it. " + notices_md(entry.notices, loaded.notices))
