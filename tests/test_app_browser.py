@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pmpo.app.launcher import stop
+from pmpo.app.launcher import launch, stop
 from pmpo.app.train import FASHION_PER_CLASS
 from test_app_client import launch_app
 
@@ -175,3 +175,44 @@ def test_every_tab_main_flow(page, served):
     page.get_by_role("tab", name="Benchmarks").click()
     expect(page.locator("#benchmarks-status")).to_contain_text("reference rows")
     assert "Internal error" not in page.content()
+
+
+@pytest.fixture(scope="module")
+def served_offline(tmp_path_factory):
+    from pmpo.app.state import offline_model_present
+
+    if not offline_model_present():
+        pytest.skip("pmpo/checkpoints/shapeworld-clip is not in this copy")
+    cache = tmp_path_factory.mktemp("browser-offline")
+    proc, url, _ = launch(["--model", "shapeworld-clip", "--device", "cpu"], cache / "app.log",
+                          env={"PMPO_WARMUP": "0", "PMPO_CACHE_DIR": str(cache)})
+    yield url
+    stop(proc)
+
+
+def test_offline_classify_shows_the_shipped_prompts_at_work(page, served_offline):
+    """The first Classify click on the offline model: the learned column is the shipped PMPO, says
+    where it comes from, and reads the swapped example names that zero-shot CLIP gets wrong."""
+    from playwright.sync_api import expect
+
+    page.goto(served_offline)
+    page.wait_for_selector("#classify-btn")
+    assert page.locator("#checkpoint input").input_value() == "shipped: pmpo"
+    page.locator("#examples-btn").click()
+    expect(page.locator("#images")).to_contain_text("yellow_diamond")
+    page.locator("#classify-btn").click()
+    status = page.locator("#classify-status")
+    expect(status).to_contain_text("8 image(s), 8 classes", timeout=120_000)
+    expect(status).to_contain_text("held-out test accuracy")  # the shipped prompts' provenance
+    expect(status).not_to_contain_text("running the plain image pass", timeout=120_000)  # the full answer
+    # The bars: per image its name, then a table whose first row is the learned column's top-1 class.
+    learned = page.evaluate("""() => {
+        const out = [];
+        for (const t of document.querySelectorAll('#topk-bars table')) {
+            const name = t.previousElementSibling.textContent.trim();
+            out.push([name, t.querySelector('tr td').textContent.trim()]);
+        }
+        return out;
+    }""")
+    right = sum(cls == name.removesuffix(".png").replace("_", " ") for name, cls in learned)
+    assert len(learned) == 8 and right >= 6, learned  # measured 7 of 8 (zero-shot CLIP: 2, test_app.py)

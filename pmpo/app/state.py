@@ -431,9 +431,10 @@ class AppState:
 def shipped_prompts_dir(spec: BackboneSpec) -> Path | None:
     """``<folder>/prompts`` of a local backbone folder (the offline model ships trained prompts
     there): prompts trained on that backbone, so offered with it and only with it."""
-    if not spec.model.startswith(LOCAL_DIR):
+    model = resolve_model_name(spec.model)  # "shapeworld-clip" names the shipped folder too
+    if not model.startswith(LOCAL_DIR):
         return None
-    folder = Path(spec.model[len(LOCAL_DIR):]) / "prompts"
+    folder = Path(model[len(LOCAL_DIR):]) / "prompts"
     return folder if folder.is_dir() else None
 
 
