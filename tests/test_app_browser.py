@@ -161,13 +161,15 @@ def test_every_tab_main_flow(page, served):
         box = page.locator(button).bounding_box()
         assert box is not None and box["y"] + box["height"] <= 900, (button, box)
     page.set_viewport_size({"width": 1400, "height": 1000})
-    page.locator("#train-epochs input[type=number]").fill("50")
-    page.locator("#train-budget input[type=number]").fill("0")
+    for field, value in (("#train-epochs", "50"), ("#train-budget", "0")):  # a long run, so Cancel meets it mid-way
+        page.locator(f"{field} input[type=number]").fill(value)
+        page.locator(f"{field} input[type=number]").press("Enter")
     page.locator("#train-btn").click()
     status = page.locator("#train-status")
     expect(status).to_contain_text("held-out: zero-shot", timeout=300_000)  # an early comparison, mid-run
     assert "left" in status.inner_text()  # with an ETA
     page.locator("#cancel-btn").click()
+    expect(page.locator("#cancel-status")).to_contain_text("Cancelling")
     expect(status).to_contain_text("Held-out accuracy", timeout=120_000)
     assert "Cancelled" in status.inner_text() and "saved" in status.inner_text()
     assert page.locator("#checkpoint input").input_value().startswith("trained: ")  # the kept prompts are selected

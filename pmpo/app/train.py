@@ -627,35 +627,41 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
 
     updates: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
-    clock = {"train_start": None, "last_eval": None, "off_steps_s": 0.0, "budget_hit": False}
+    # steps_s: seconds inside optimizer steps only (the ETA's rate); mark: when the training last left
+    # this callback (so feature passes, scoring and pauses for visitors are not counted as steps).
+    clock = {"train_start": None, "last_eval": None, "steps_s": 0.0, "mark": time.perf_counter(), "budget_hit": False}
     steps_per_epoch = max(1, len(items) // cfg.batch_size)
 
     def score(entry: dict) -> None:
         """Runs in the training thread, between optimizer steps."""
         accuracy = scorer.trained()
-        clock["off_steps_s"] += scorer.cost_s
         clock["last_eval"] = time.perf_counter()
         updates.put({"type": "heldout", "elapsed_s": time.perf_counter() - started, "step": entry["step"],
                      "epoch": round(entry["epoch"] - 1 + entry["epoch_step"] / steps_per_epoch, 2),
                      "zero_shot": report["zero_shot"], "trained": accuracy})
 
     def progress(entry: dict) -> None:
-        if entry.get("type") == "step":  # give way to visitors' requests between steps
-            clock["off_steps_s"] += state.inference.wait_idle(YIELD_MAX_S)
         now = time.perf_counter()
-        if entry.get("type") == "step" and clock["train_start"] is None:
-            clock["train_start"] = now
-        updates.put(entry)
-        if budget_s and now - started >= budget_s and not stop.is_set():
-            clock["budget_hit"] = True
-            stop.set()
-        if scorer is None or entry.get("type") != "step" or entry["step"] == entry["total_steps"]:
-            return  # the last step's score comes after the run (also when cancelled)
-        since = now - (clock["last_eval"] or clock["train_start"])
-        gap = min(EVAL_GAP_MAX_S, max(EVAL_GAP_MIN_S, EVAL_SHARE * scorer.cost_s))
-        first_due = clock["last_eval"] is None and (since >= FIRST_EVAL_S or entry["epoch_step"] == steps_per_epoch)
-        if first_due or (clock["last_eval"] is not None and since >= gap):
-            score(entry)
+        try:
+            updates.put(entry)
+            if entry.get("type") != "step":
+                return
+            clock["steps_s"] += now - clock["mark"]
+            if clock["train_start"] is None:
+                clock["train_start"] = now
+            if budget_s and now - started >= budget_s and not stop.is_set():
+                clock["budget_hit"] = True
+                stop.set()
+            state.inference.wait_idle(YIELD_MAX_S)  # give way to visitors' requests between steps
+            if scorer is None or entry["step"] == entry["total_steps"]:
+                return  # the last step's score comes after the run (also when cancelled)
+            since = time.perf_counter() - (clock["last_eval"] or clock["train_start"])
+            gap = min(EVAL_GAP_MAX_S, max(EVAL_GAP_MIN_S, EVAL_SHARE * scorer.cost_s))
+            first_due = clock["last_eval"] is None and (since >= FIRST_EVAL_S or entry["epoch_step"] == steps_per_epoch)
+            if first_due or (clock["last_eval"] is not None and since >= gap):
+                score(entry)
+        finally:
+            clock["mark"] = time.perf_counter()
 
     def worker() -> None:
         try:
@@ -755,9 +761,8 @@ def _eta(history: list[dict], cfg, clock: dict, est: Estimate, scorer: HeldOut |
     if not history or clock["train_start"] is None:
         return round(est.total(cfg.epochs), 1)
     h = history[-1]
-    spent = time.perf_counter() - clock["train_start"] - clock["off_steps_s"]
-    per_step = spent / max(1, h["step"])
-    left = (h["total_steps"] - h["step"]) * per_step
+    per_step = clock["steps_s"] / max(1, h["step"])
+    left = max(0, h["total_steps"] - h["step"]) * per_step
     if scorer is not None:
         gap = min(EVAL_GAP_MAX_S, max(EVAL_GAP_MIN_S, EVAL_SHARE * scorer.cost_s))
         left += (left / gap + 1) * scorer.cost_s

@@ -381,6 +381,7 @@ def build_demo(state: AppState) -> gr.Blocks:
                         with gr.Row():
                             train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
                             cancel_btn = gr.Button("Cancel (keeps what was learned)", variant="stop", elem_id="cancel-btn")
+                        cancel_status = gr.Markdown(elem_id="cancel-status")  # apart: never hides the run's own last word
                         train_status = gr.Markdown(elem_id="train-status")
                         train_plot = gr.LinePlot(None, x="step", y="accuracy", color="series", color_map=train_tab.SERIES,
                                                  y_lim=[0, 100], height=290, label="Accuracy (%) while training",
@@ -427,7 +428,8 @@ def build_demo(state: AppState) -> gr.Blocks:
                                 train_name, *backbone_inputs],
                         [train_status, train_plot, train_report, train_download, checkpoint], api_name="train",
                         concurrency_limit=limits.max_concurrent, concurrency_id="train")
-        cancel_btn.click(cancel, None, train_status, api_name="cancel_training", concurrency_limit=None)
+        cancel_btn.click(cancel, None, cancel_status, api_name="cancel_training", concurrency_limit=None)
+        train_btn.click(lambda: "", None, cancel_status, api_name=False)
         bench_btn.click(benchmarks, bench_dir, [bench_status, bench_ref, bench_ours, bench_plot], api_name="benchmarks")
         demo.load(refresh_choices, checkpoint, checkpoint, api_name=False)
         demo.unload(end_session)
