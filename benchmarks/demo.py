@@ -52,7 +52,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
-from urllib.request import urlopen
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/demo.py` from a checkout without an install
@@ -331,12 +329,6 @@ def wait_idle(pid: int, timeout: float = 180.0, busy_below: float = 0.1, quiet_f
     return time.perf_counter() - start
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def headless_flags(app: Path, device: str | None) -> list[str]:
     """The flags of ``app.py --help`` that keep a run on loopback and off any browser / public link."""
     try:
@@ -358,15 +350,15 @@ def headless_flags(app: Path, device: str | None) -> list[str]:
 
 
 class AppProcess:
-    """``python app.py ARGS --port N`` in its own process group; ``stop()`` always ends that group."""
+    """``python app.py ARGS`` on a free port, started and stopped by the project's own launcher
+    (:mod:`pmpo.app.launcher`, which the tests use too)."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.argv = [sys.executable, str(ROOT / "app.py"), *args, "--port", str(self.port)]
+        self.args = args
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen | None = None
+        self.url: str | None = None
         self.startup_s: float | None = None
 
     @property
@@ -376,7 +368,7 @@ class AppProcess:
 
     @property
     def command(self) -> str:
-        return "python app.py " + " ".join(self.argv[2:])
+        return "python app.py " + " ".join(self.args)
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -385,34 +377,19 @@ class AppProcess:
             return ""
 
     def start(self, timeout: float) -> float:
-        log = open(self.log_path, "w")
-        start = time.perf_counter()
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        while time.perf_counter() - start < timeout:
-            if self.proc.poll() is not None:
-                raise BenchError(f"app.py exited with {self.proc.returncode} before serving:\n{self.log_tail()}")
-            try:
-                with urlopen(self.url, timeout=2) as response:
-                    if response.status == 200:
-                        self.startup_s = time.perf_counter() - start
-                        return self.startup_s
-            except OSError:
-                time.sleep(0.25)
-        raise BenchError(f"app.py did not serve {self.url} within {timeout:.0f} s:\n{self.log_tail()}")
+        from pmpo.app.launcher import launch
+
+        try:
+            self.proc, self.url, self.startup_s = launch(self.args, self.log_path, env=self.env, timeout=timeout)
+        except RuntimeError as exc:  # exited, or did not serve in time (the launcher killed it)
+            raise BenchError(str(exc)[-2000:]) from exc
+        return self.startup_s
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, sig)  # the group this object started (start_new_session)
-            try:
-                self.proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        from pmpo.app.launcher import stop
+
+        if self.proc is not None and self.proc.poll() is None:
+            stop(self.proc)
 
 
 # --- images -----------------------------------------------------------------------------------------
@@ -654,10 +631,7 @@ def run_backbone(key: str, opts: argparse.Namespace, work: Path, into: list | No
     sets = [render_set(img_dir, classes, seed + 1 + r, opts.image_px, f"r{r + 1}") for r in range(opts.repeats)]
     singles = [render_set(img_dir, classes[r % len(classes):r % len(classes) + 1], seed + 101 + r, opts.image_px,
                           f"one{r + 1}") for r in range(opts.repeats)]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "PMPO_CACHE_DIR": str(work / key / "app-cache")}
-    for var in ("SPACE_ID", "GRADIO_SERVER_NAME", "GRADIO_SHARE"):
-        env.pop(var, None)
+    env = {"PMPO_CACHE_DIR": str(work / key / "app-cache")}  # the launcher adds PYTHONPATH, drops SPACE_ID
     app = AppProcess(cfg["app_args"] + headless_flags(ROOT / "app.py", opts.device), work / key / "app.log", env)
     res["command"] = app.command
     client = None

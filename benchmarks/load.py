@@ -30,14 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from pmpo.app.launcher import launch, stop  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo import peak_rss_gib  # noqa: E402  (the demo benchmark's reader of the app's peak RSS)
+
 CLASSES = "red circle, red triangle, blue circle, blue triangle, green hexagon, green diamond, yellow hexagon, yellow diamond"
-
-
-def peak_rss_gib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def images(folder: Path, n: int, tag: str) -> list[Path]:

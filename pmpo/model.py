@@ -311,7 +311,7 @@ class PMPOModel(nn.Module):
     def encode_image(self, images: torch.Tensor, return_attention: bool = False) -> VisionOutput | list[VisionOutput]:
         """Prompted image features: one output (single pass) or one per prompt (per_prompt)."""
         images = images.to(self.device)
-        if self.prompts is None or not self.prompts.segments:
+        if self.frozen_image_side:
             return self.vision(images, None, return_attention)
         if self.cfg.visual_pass == "per_prompt":
             return [self.vision(images, self.visual_schedule(i), return_attention) for i in range(self.prompts.n_prompts)]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .features import image_digest
 from .state import AppState, LoadedModel
 
 VIEWS = ("zero-shot CLIP", "prior (prompted image)", "learned")
@@ -46,7 +47,8 @@ class Scores:
 @torch.no_grad()
 def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], image_names: Sequence[str],
           classnames: list[str], templates: list[str],
-          progress: Callable[[int, int], None] | None = None, plain_pass: bool = True) -> Scores:
+          progress: Callable[[int, int], None] | None = None, plain_pass: bool = True,
+          digests: Sequence[str] | None = None) -> Scores:
     """All views for ``images``: at most one plain and one prompted image pass per image (none for
     images the app has seen: :mod:`app.features`), and none of them for a method without visual
     prompts beyond the plain one. Holds the model's lock while the text side runs (its caches are
@@ -56,7 +58,7 @@ def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], im
     method with visual prompts, images not seen yet): the learned columns then cost one pass, and
     the caller can show them while the plain pass runs (:func:`needs_two_passes`)."""
     model = entry.model
-    views = state.features.views(entry, images, plain=plain_pass)
+    views = state.features.views(entry, images, plain=plain_pass, digests=digests)
     plain, feats = views.plain, views.prompted
     scale = model.logit_scale
     with entry.lock:
@@ -90,12 +92,14 @@ def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], im
                   segments, f"learned ({entry.choice})", views.shared, views.passes)
 
 
-def needs_two_passes(state: AppState, entry: LoadedModel, images: Sequence[Image.Image]) -> bool:
+def needs_two_passes(state: AppState, entry: LoadedModel, images: Sequence[Image.Image],
+                     digests: Sequence[str] | None = None) -> bool:
     """True when Classify would run both a plain and a prompted pass for some image: then the
-    learned columns can be shown after the first (``score(..., plain_pass=False)``)."""
+    learned columns can be shown after the first (``score(..., plain_pass=False)``). ``digests``:
+    the images' ``image_digest`` when the caller has them."""
     if entry.model.frozen_image_side:
         return False
-    plain, prompted = state.features.missing(entry, images)
+    plain, prompted = state.features.missing(entry, digests or [image_digest(im) for im in images])
     return plain > 0 and prompted > 0
 
 

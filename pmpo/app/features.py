@@ -83,11 +83,13 @@ class ImageFeatures:
         self.cache = cache if cache is not None else TensorCache(CACHE_BYTES)
 
     # --- what the tabs ask for ------------------------------------------------------------------
-    def views(self, entry: "LoadedModel", images: Sequence[Image.Image], plain: bool = True) -> ImageViews:
+    def views(self, entry: "LoadedModel", images: Sequence[Image.Image], plain: bool = True,
+              digests: Sequence[str] | None = None) -> ImageViews:
         """``plain=False``: leave out the plain features (None) when they would cost a pass of their
-        own, i.e. unless the image side is frozen (then they are the prompted view)."""
+        own, i.e. unless the image side is frozen (then they are the prompted view). ``digests``:
+        the images' :func:`image_digest`, when the caller has them already (hashing a photo costs)."""
         plain_outs, prompted, passes = self._passes(entry.spec, entry.fingerprint, entry.model, images,
-                                                    plain=plain or entry.model.frozen_image_side)
+                                                    plain=plain or entry.model.frozen_image_side, digests=digests)
         norm = lambda outs: torch.cat([F.normalize(o.features.float(), dim=-1) for o in outs])  # noqa: E731
         plain_feats = norm([p[0] for p in plain_outs]) if plain_outs is not None else None
         if prompted is None:
@@ -100,9 +102,8 @@ class ImageFeatures:
         plain, prompted, passes = self._passes(entry.spec, entry.fingerprint, entry.model, [image])
         return plain[0][0], (prompted[0] if prompted is not None else plain[0]), passes
 
-    def missing(self, entry: "LoadedModel", images: Sequence[Image.Image]) -> tuple[int, int]:
-        """How many of ``images`` lack their plain and their prompted pass in the store."""
-        digests = [image_digest(im) for im in images]
+    def missing(self, entry: "LoadedModel", digests: Sequence[str]) -> tuple[int, int]:
+        """How many of the images (by :func:`image_digest`) lack their plain and their prompted pass."""
         plain = sum(self.cache.get(("plain", entry.spec, d)) is None for d in digests)
         if entry.model.frozen_image_side:
             return plain, 0
@@ -117,9 +118,9 @@ class ImageFeatures:
 
     # --- the store --------------------------------------------------------------------------------
     def _passes(self, spec: Hashable, fingerprint: str | None, model, images: Sequence[Image.Image],
-                prompted: bool = True, plain: bool = True
+                prompted: bool = True, plain: bool = True, digests: Sequence[str] | None = None
                 ) -> tuple[list[list[VisionOutput]] | None, list[list[VisionOutput]] | None, int]:
-        digests = [image_digest(im) for im in images]
+        digests = list(digests) if digests is not None else [image_digest(im) for im in images]
         plain_outs, n_plain = self._lookup(("plain", spec), digests, images, model, None) if plain else (None, 0)
         if not prompted or model.frozen_image_side:
             return plain_outs, None, n_plain

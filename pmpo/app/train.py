@@ -69,17 +69,12 @@ def label_rows(files: Any) -> list[list[str]]:
 
 def items_from_table(files: Any, table: Any) -> tuple[list[Datum], list[str]]:
     """Uploaded files labelled by the table's (file, label) rows, matched by file name."""
-    paths = [file_path(f) for f in (files or [])]
-    if not paths:
+    pairs = _labelled(files, table)
+    if not pairs:
         raise InputError("No training images: upload labelled images, a zip with one folder per class, or give a folder.")
-    rows = _table_rows(table)
-    labels = {str(r[0]).strip(): str(r[1]).strip() for r in rows if len(r) >= 2 and str(r[0]).strip()}
-    pairs = []
-    for p in paths:
-        label = labels.get(display_name(p), "") or guess_label(display_name(p))
+    for p, label in pairs:
         if not label:
             raise InputError(f"No label for {display_name(p)!r}: fill in its row of the label table.")
-        pairs.append((p, label))
     return _to_items(pairs)
 
 
@@ -178,31 +173,32 @@ FASHION_PER_CLASS = 12  # 9 to train on and 3 held out per class: a default run 
 
 
 def _labelled(files: Any, table: Any) -> list[tuple[str, str]]:
-    """(path, label) as ``items_from_table`` will read them, without refusing anything yet."""
+    """(path, label) per uploaded file: its row of the label table, else what its name says; empty
+    labels are kept (``items_from_table`` refuses them, the overview leaves them out)."""
     paths = [file_path(f) for f in (files or [])]
     labels = {str(r[0]).strip(): str(r[1]).strip() for r in _table_rows(table) if len(r) >= 2 and str(r[0]).strip()}
     return [(p, labels.get(display_name(p), "") or guess_label(display_name(p))) for p in paths]
 
 
+def _by_class(files: Any, table: Any) -> dict[str, list[str]]:
+    """Class -> its files, classes in case-insensitive order (unlabelled files left out)."""
+    groups: dict[str, list[str]] = {}
+    for path, label in _labelled(files, table):
+        if label:
+            groups.setdefault(label, []).append(path)
+    return dict(sorted(groups.items(), key=lambda kv: kv[0].lower()))
+
+
 def class_summary(files: Any, table: Any) -> list[list]:
     """Rows (class, images, held out) instead of a row per file: the held-out count follows
     ``split_holdout`` (one in four, at least one of two or more)."""
-    counts: dict[str, int] = {}
-    for _, label in _labelled(files, table):
-        if label:
-            counts[label] = counts.get(label, 0) + 1
-    return [[label, n, max(1, n // HOLDOUT_EVERY) if n >= 2 else 0] for label, n in sorted(counts.items(), key=lambda kv: kv[0].lower())]
+    return [[label, len(paths), max(1, len(paths) // HOLDOUT_EVERY) if len(paths) >= 2 else 0]
+            for label, paths in _by_class(files, table).items()]
 
 
 def class_thumbnails(files: Any, table: Any, limit: int = 40) -> list[tuple[str, str]]:
     """One (image, "class (n)") per class, for the gallery."""
-    first: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    for path, label in _labelled(files, table):
-        if label:
-            first.setdefault(label, path)
-            counts[label] = counts.get(label, 0) + 1
-    return [(first[c], f"{c} ({counts[c]})") for c in sorted(first, key=str.lower)][:limit]
+    return [(paths[0], f"{label} ({len(paths)})") for label, paths in _by_class(files, table).items()][:limit]
 
 
 def example_set_for(spec: BackboneSpec, folder: str | Path) -> list[str]:
@@ -540,11 +536,17 @@ class HeldOut:
         self.x = None if model.frozen_image_side else preprocess(model, images)
         self.cost_s = 0.0
 
-    def zero_shot(self, model) -> float:
+    @property
+    def gap_s(self) -> float:
+        """Seconds between scorings: at least EVAL_GAP_MIN_S, at most EVAL_GAP_MAX_S, and otherwise
+        long enough that scoring takes at most 1/EVAL_SHARE of the run."""
+        return min(EVAL_GAP_MAX_S, max(EVAL_GAP_MIN_S, EVAL_SHARE * self.cost_s))
+
+    def zero_shot(self) -> float:
         import torch
 
         with torch.no_grad():
-            prior = model.prior_features(self.classnames)
+            prior = self.model.prior_features(self.classnames)
         return self._accuracy(self.plain @ prior.t())
 
     def trained(self) -> float:
@@ -620,7 +622,7 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
     scorer = None
     if held:
         scorer = HeldOut(state, spec, model, held, classnames)
-        report["zero_shot"] = scorer.zero_shot(model)
+        report["zero_shot"] = scorer.zero_shot()
         yield TrainUpdate(f"Held out {len(held)} of {len(items) + len(held)} images (one in {HOLDOUT_EVERY} per class) "
                           f"to score the result; zero-shot accuracy on them: {report['zero_shot']:.1f}%. Training {plan}…",
                           report=_stamp(report, started))
@@ -632,13 +634,18 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
     clock = {"train_start": None, "last_eval": None, "steps_s": 0.0, "mark": time.perf_counter(), "budget_hit": False}
     steps_per_epoch = max(1, len(items) // cfg.batch_size)
 
+    def heldout_row(entry: dict) -> dict:
+        """Score the prompts as they are now; ``entry`` is the step they come from."""
+        accuracy = scorer.trained()
+        return {"elapsed_s": time.perf_counter() - started, "step": entry["step"],
+                "epoch": round(entry["epoch"] - 1 + entry["epoch_step"] / steps_per_epoch, 2),
+                "zero_shot": report["zero_shot"], "trained": accuracy}
+
     def score(entry: dict) -> None:
         """Runs in the training thread, between optimizer steps."""
-        accuracy = scorer.trained()
+        row = heldout_row(entry)
         clock["last_eval"] = time.perf_counter()
-        updates.put({"type": "heldout", "elapsed_s": time.perf_counter() - started, "step": entry["step"],
-                     "epoch": round(entry["epoch"] - 1 + entry["epoch_step"] / steps_per_epoch, 2),
-                     "zero_shot": report["zero_shot"], "trained": accuracy})
+        updates.put({"type": "heldout", **row})
 
     def progress(entry: dict) -> None:
         now = time.perf_counter()
@@ -656,9 +663,8 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
             if scorer is None or entry["step"] == entry["total_steps"]:
                 return  # the last step's score comes after the run (also when cancelled)
             since = time.perf_counter() - (clock["last_eval"] or clock["train_start"])
-            gap = min(EVAL_GAP_MAX_S, max(EVAL_GAP_MIN_S, EVAL_SHARE * scorer.cost_s))
             first_due = clock["last_eval"] is None and (since >= FIRST_EVAL_S or entry["epoch_step"] == steps_per_epoch)
-            if first_due or (clock["last_eval"] is not None and since >= gap):
+            if first_due or (clock["last_eval"] is not None and since >= scorer.gap_s):
                 score(entry)
         finally:
             clock["mark"] = time.perf_counter()
@@ -689,7 +695,7 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
             if entry is None:
                 finished = True
             elif entry.get("type") == "heldout":
-                report["heldout"].append({k: entry[k] for k in ("elapsed_s", "step", "epoch", "zero_shot", "trained")})
+                report["heldout"].append({k: v for k, v in entry.items() if k != "type"})
                 urgent = True
             elif entry.get("type") == "features":
                 features_done = (entry["done"], entry["total"])
@@ -731,10 +737,8 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
     shutil.rmtree(written.parent, ignore_errors=True)
     last = history[-1]
     if scorer is not None:
-        accuracy = scorer.trained()
-        report["heldout"].append({"elapsed_s": time.perf_counter() - started, "step": steps_done,
-                                  "epoch": round(last["epoch"] - 1 + last["epoch_step"] / steps_per_epoch, 2),
-                                  "zero_shot": report["zero_shot"], "trained": accuracy})
+        report["heldout"].append(heldout_row(last))
+        accuracy = report["heldout"][-1]["trained"]
         score_line = (f"**Held-out accuracy** ({len(held)} images the training never saw): zero-shot "
                       f"{report['zero_shot']:.1f}% → trained {accuracy:.1f}% ({accuracy - report['zero_shot']:+.1f} points). ")
     else:
@@ -764,8 +768,7 @@ def _eta(history: list[dict], cfg, clock: dict, est: Estimate, scorer: HeldOut |
     per_step = clock["steps_s"] / max(1, h["step"])
     left = max(0, h["total_steps"] - h["step"]) * per_step
     if scorer is not None:
-        gap = min(EVAL_GAP_MAX_S, max(EVAL_GAP_MIN_S, EVAL_SHARE * scorer.cost_s))
-        left += (left / gap + 1) * scorer.cost_s
+        left += (left / scorer.gap_s + 1) * scorer.cost_s
     return round(left, 1)
 
 

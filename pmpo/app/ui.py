@@ -25,6 +25,7 @@ from . import benchmarks as benchmarks_tab
 from . import classify as classify_tab
 from . import embeddings as embeddings_tab
 from . import train as train_tab
+from .features import image_digest
 from .inputs import as_list, display_name, file_path, load_images, parse_classes, parse_templates
 from .state import EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images, example_masks
 
@@ -132,14 +133,16 @@ def build_demo(state: AppState) -> gr.Blocks:
                 {**classify_tab.as_json(scores, k), "backbone": entry.spec.label},
             )
 
-        if classify_tab.needs_two_passes(state, entry, loaded.images):
+        digests = [image_digest(im) for im in loaded.images]  # once: the store is keyed by them
+        if classify_tab.needs_two_passes(state, entry, loaded.images, digests):
             # The learned columns after one image pass; zero-shot's plain pass follows.
             with state.inference.busy():
                 first = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates,
-                                           text_progress, plain_pass=False)
+                                           text_progress, plain_pass=False, digests=digests)
             yield answer(first, f"\n\n*Zero-shot CLIP column ({classify_tab.PENDING}): running the plain image pass…*")
         with state.inference.busy():
-            scores = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates, text_progress)
+            scores = classify_tab.score(state, entry, loaded.images, loaded.names, classes.names, templates, text_progress,
+                                        digests=digests)
         yield answer(scores)
 
     @guarded(lambda message: (None, None))
