@@ -130,8 +130,8 @@ def test_space_limit_stops_a_long_training_with_a_held_out_result(tiny_model, tm
 def test_every_endpoint_answers_garbage_with_a_reason_and_keeps_serving(tiny_model, tmp_path):
     """None, wrong types, a 200 kB string, a list of non-files and files that are no images, sent to
     every endpoint ``view_api`` lists (new endpoints are covered without touching this test): each
-    answer is a message in the page's status or a refusal that names the problem, never Gradio's
-    generic failure or a traceback, and the server keeps serving."""
+    answer is a message in the page's status or a one-line refusal that names the endpoint, the input
+    and the problem, never Gradio's generic failure or a traceback, and the server keeps serving."""
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -153,13 +153,17 @@ def test_every_endpoint_answers_garbage_with_a_reason_and_keeps_serving(tiny_mod
                 except AppError as exc:
                     message = str(exc)
                     assert "verbose error reporting" not in message and "Traceback" not in message, (name, kind, message)
-                    assert message.strip(), (name, kind)
+                    # one line that names the endpoint and the refused input, of a readable length
+                    assert "\n" not in message and len(message) < 300, (name, kind, message)
+                    assert message.startswith(f"{name}: input '"), (name, kind, message)
                     continue
                 status = out[0] if isinstance(out, (list, tuple)) else out
                 assert "Internal error" not in str(status), (name, kind, status)
         example = app_state.example_images(tmp_path / "examples")[0]
         status, *_ = client.predict(files=[handle_file(example)], classes_text="red circle, blue circle", api_name="/classify")
         assert status.startswith("**1 image(s)"), status  # still serving
+        server_log = (tmp_path / "app.log").read_text()
+        assert "refused a request: /classify: input 'files'" in server_log and "Traceback" in server_log
     finally:
         stop(proc)
 

@@ -27,6 +27,7 @@ from . import embeddings as embeddings_tab
 from . import train as train_tab
 from .features import image_digest
 from .inputs import as_list, display_name, file_path, load_images, parse_classes, parse_templates
+from .refusals import Page
 from .state import EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images, example_masks
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def build_demo(state: AppState) -> gr.Blocks:
         return view.status, view.reference, view.ours, view.figure
 
     # --- layout ---------------------------------------------------------------------------------
-    with gr.Blocks(title="PMPO demo", fill_width=True) as demo:
+    with Page(title="PMPO demo", fill_width=True) as demo:
         gr.Markdown(INTRO)
         gr.Markdown(notices_md(state.notices), elem_id="startup-notice", visible=bool(state.notices))
         with gr.Row(equal_height=False):
