@@ -177,5 +177,5 @@ def refused(client, images, choice: str) -> bool:
     try:
         status, *_ = classify(client, images[:1], "red circle, blue square", checkpoint=choice)
     except AppError as exc:
-        return "not in the list of choices" in str(exc)
+        return "input 'checkpoint' (dropdown) must be one of" in str(exc)  # pmpo.app.refusals' one line
     return status.startswith("**Error:**") and "Unknown prompt checkpoint" in status

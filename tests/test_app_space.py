@@ -190,3 +190,68 @@ def test_a_training_gives_way_to_requests_between_its_steps(tiny_model, tmp_path
         pass
     assert steps_while_busy <= 1 and upd.done and len(upd.history) == upd.history[-1]["total_steps"], upd.status
     assert st.inference.wait_idle(0.1) < 0.1  # nothing left busy
+
+
+FAKE_ZEROGPU = Path(__file__).parent / "zerogpu_fake"  # a `spaces` that forks, as ZeroGPU does
+
+
+def test_zerogpu_runs_the_kernels_in_forked_workers_with_the_same_answers(tiny_model, tmp_path):
+    """On a ZeroGPU Space every image pass, text pass, cost probe and training crosses into a forked
+    worker (arguments and results pickled, nothing shared). Classify answers as it does in one
+    process, and a Space-limited training there stops at its limit with a held-out result whose
+    prompts then serve Classify. The stand-in ``spaces`` (tests/zerogpu_fake) keeps the real one's
+    process contract; no GPU is involved."""
+    import json
+    import os
+
+    from gradio_client import Client, handle_file
+
+    from pmpo.app.fashion import fashion_images
+    from pmpo.app.launcher import ROOT
+    from pmpo.app.train import FASHION_PER_CLASS
+
+    examples = [handle_file(p) for p in app_state.example_images(tmp_path / "examples")[:3]]
+    ask = dict(files=examples, classes_text="red circle, blue square, green triangle", api_name="/classify")
+    base = {"PMPO_WARMUP": "0", "PMPO_ALLOWED_BACKBONES": tiny_model}
+
+    proc, url, _ = launch(["--model", tiny_model, "--device", "cpu"], tmp_path / "plain.log",
+                          env={**base, "PMPO_CACHE_DIR": str(tmp_path / "c1")})
+    try:
+        *_, expected = Client(url, verbose=False).predict(**ask)
+    finally:
+        stop(proc)
+
+    calls = tmp_path / "gpu-calls.txt"
+    proc, url, _ = launch(["--model", tiny_model], tmp_path / "zero.log",
+                          env={**base, "PMPO_CACHE_DIR": str(tmp_path / "c2"), "SPACE_ID": "test/pmpo",
+                               "SPACES_ZERO_GPU": "true", "PMPO_FAKE_ZEROGPU_LOG": str(calls),
+                               "PMPO_MAX_TRAIN_SECONDS": "4",
+                               "PYTHONPATH": os.pathsep.join([str(ROOT), str(FAKE_ZEROGPU)])})
+    try:
+        client = Client(url, verbose=False)
+        *_, got = client.predict(**ask)
+        assert "notice: Running on **ZeroGPU**" in (tmp_path / "zero.log").read_text()
+        assert got["classes"] == expected["classes"] and len(got["images"]) == len(expected["images"]) == 3
+        for mine, theirs in zip(got["images"], expected["images"]):  # every view, classes and probabilities
+            assert mine.keys() == theirs.keys()
+            for view in ("zero-shot CLIP", "prior (prompted image)", "learned"):
+                assert [c for c, _ in mine[view]] == [c for c, _ in theirs[view]], (view, mine, theirs)
+                assert torch.allclose(torch.tensor([q for _, q in mine[view]]), torch.tensor([q for _, q in theirs[view]]),
+                                      atol=1e-5), (view, mine, theirs)
+        first = calls.read_text().split()
+        assert {"encode_batch", "text_weights"} <= set(first[::2]), first
+
+        files = [handle_file(p) for p in fashion_images(per_class=FASHION_PER_CLASS)[:40]]
+        job = client.submit(train_files=files, zip_file=None, method="pmpo", epochs=50, time_budget=0, api_name="/train")
+        job.result(timeout=300)
+        status, _, report, checkpoint, _ = job.outputs()[-1]
+        assert "Stopped at the time budget" in status and "Held-out accuracy" in status, status
+        assert report["stopped"] and report["heldout"] and Path(checkpoint).is_file()
+        names = calls.read_text().split()[::2]
+        assert {"time_passes", "train_session"} <= set(names), names
+        trained = report["checkpoint"]
+        status, *_, scores = client.predict(**ask, checkpoint=trained)
+        assert trained in status and len(scores["images"]) == 3, status
+        assert json.dumps(scores["images"]) != json.dumps(got["images"])  # the trained prompts answer
+    finally:
+        stop(proc)

@@ -29,6 +29,8 @@ from pmpo.attention import supports_attention_maps
 from pmpo.cache import TensorCache
 from pmpo.encoders import VisionOutput
 
+from .zerogpu import PASS_S, gpu, kernel_model
+
 if TYPE_CHECKING:
     from .state import LoadedModel
 
@@ -140,22 +142,27 @@ class ImageFeatures:
         for start in range(0, len(missing), BATCH):
             chunk = missing[start:start + BATCH]
             x = preprocess(model, [images[i] for i in chunk])
-            with torch.no_grad():
-                outs = self._run(model, x, prompts is not None, attention)
-            for j, i in enumerate(chunk):
-                per_image = [_record(out, j) for out in outs]
+            for i, per_image in zip(chunk, encode_batch(model, x, prompts is not None, attention)):
                 self.cache.put((*scope, digests[i]), per_image)
                 records[i] = per_image
         return [[_output(r, device) for r in per_image] for per_image in records], len(missing)
 
-    @staticmethod
-    def _run(model, x: torch.Tensor, prompted: bool, attention: bool) -> list[VisionOutput]:
+
+@gpu(duration=PASS_S)
+def encode_batch(model, x: torch.Tensor, prompted: bool, attention: bool) -> list[list[tuple[torch.Tensor, ...]]]:
+    """The image pass itself (a kernel: :mod:`pmpo.app.zerogpu`): per image of ``x``, the compact
+    record of each of its passes, on the CPU."""
+    model = kernel_model(model)
+    x = x.to(model.device)
+    with torch.no_grad():
         if not prompted:
-            return [model.vision(x, None, return_attention=attention, return_tokens=attention)]
-        if model.cfg.visual_pass == "per_prompt":
-            return [model.vision(x, model.visual_schedule(i), return_attention=attention, return_tokens=attention)
+            outs = [model.vision(x, None, return_attention=attention, return_tokens=attention)]
+        elif model.cfg.visual_pass == "per_prompt":
+            outs = [model.vision(x, model.visual_schedule(i), return_attention=attention, return_tokens=attention)
                     for i in range(model.prompts.n_prompts)]
-        return [model.vision(x, model.visual_schedule(), return_attention=attention, return_tokens=attention)]
+        else:
+            outs = [model.vision(x, model.visual_schedule(), return_attention=attention, return_tokens=attention)]
+    return [[_record(out, j) for out in outs] for j in range(x.shape[0])]
 
 
-__all__ = ["ImageFeatures", "ImageViews", "image_digest", "preprocess"]
+__all__ = ["ImageFeatures", "ImageViews", "encode_batch", "image_digest", "preprocess"]

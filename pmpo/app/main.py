@@ -61,12 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     from pmpo.commands.common import resolve_device
     from pmpo.errors import PMPOError
 
+    from pmpo.app import zerogpu
+
     say(f"loading the backbone ({args.model or 'default: ViT-B-16-quickgelu + openai, else the offline model'})…")
+    # On ZeroGPU the server process never holds a GPU (its CUDA is the platform's stand-in): the
+    # models stay on the CPU here and each kernel moves its own copy to the GPU lent for the call.
+    device = "cpu" if zerogpu.active() else resolve_device(args.device)
     try:
-        state = open_state(args.model, args.pretrained, args.checkpoint, device=resolve_device(args.device))
+        state = open_state(args.model, args.pretrained, args.checkpoint, device=device)
     except PMPOError as exc:
         print(f"app.py: error: {exc}", file=sys.stderr)
         return 1
+    if zerogpu.active():
+        state.notices.append("Running on **ZeroGPU**: every image pass, text pass and training runs on a GPU lent "
+                             "for that call (the first call of a visitor waits for one).")
     for notice in state.notices:
         print(f"notice: {notice}", file=sys.stderr)
     atexit.register(state.cleanup)

@@ -14,6 +14,7 @@ threads at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -36,8 +37,10 @@ from pmpo.backbone import LOCAL_DIR, OFFLINE_MODEL, Backbone, load_backbone, res
 from pmpo.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
 from pmpo.config import PMPOConfig
 from pmpo.errors import BackboneLoadError, CheckpointError, InputError, PMPOError
-from pmpo.model import ClassWeights, PMPOModel, build_model
+from pmpo.cache import TensorCache
+from pmpo.model import ClassWeights, PMPOModel, build_model, clean_classnames
 
+from . import zerogpu
 from .features import ImageFeatures
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ TRAINED_PREFIX = "trained: "
 SHIPPED_PREFIX = "shipped: "
 MAX_SESSIONS = 64  # browser sessions whose uploads / trainings are kept (least recently used go first)
 MAX_SESSION_CHECKPOINTS = 8  # per session
+TEXT_CACHE_BYTES = 64 * 2**20  # class weights: a 1000-class list at D=512 is ~2 MB per view
 
 
 def _remove_stored(path: str | Path) -> None:
@@ -252,6 +256,7 @@ class AppState:
         self._load_lock = threading.RLock()
         # Image features shared by every tab and session (keyed by content, backbone and prompts).
         self.features = ImageFeatures()
+        self.text = TensorCache(TEXT_CACHE_BYTES)  # class weights, keyed like the image features
         self.inference = InferenceGate()  # trainings pause between steps while a request computes
         # Measured seconds per image / text pass of each backbone (the Train tab's estimates).
         self.pass_costs: LRU[BackboneSpec, object] = LRU(max_backbones + 2)
@@ -421,11 +426,30 @@ class AppState:
     # --- text features ----------------------------------------------------------------------------
     def class_weights(self, entry: LoadedModel, names: list[str], templates: list[str],
                       progress: Callable[[int, int], None] | None = None) -> ClassWeights:
-        """Class weights with *these* templates, without touching ``model.templates``; the model
-        caches them (bounded, keyed by names, templates and prompt version). Call with
-        ``entry.lock`` held: the model's caches are not thread-safe."""
-        with torch.no_grad():
-            return entry.model.class_weights(names, templates, progress)
+        """Class weights with *these* templates, without touching ``model.templates``: from the
+        app's text store (keyed by backbone, prompts, names and templates) or one text pass
+        (:func:`text_weights`). Call with ``entry.lock`` held: the model's caches are not thread-safe."""
+        key = ("text", entry.spec, entry.fingerprint, tuple(names), tuple(templates))
+        found = self.text.get(key)
+        if found is None:
+            # A callback cannot cross into a ZeroGPU worker; there the text pass runs without one.
+            cw = text_weights(entry.model, list(names), list(templates), None if zerogpu.active() else progress)
+            self.text.put(key, (cw.weights, cw.prompts if cw.prompts is not None else torch.empty(0), cw.prior))
+            return cw
+        weights, prompts, prior = found
+        return ClassWeights(weights, prompts if prompts.numel() else None, prior,
+                            tuple(clean_classnames(names)), entry.model.cfg.uses_meta_net and prompts.numel() > 0)
+
+
+@zerogpu.gpu(duration=zerogpu.PASS_S)
+def text_weights(model: PMPOModel, names: list[str], templates: list[str],
+                 progress: Callable[[int, int], None] | None = None) -> ClassWeights:
+    """The text pass itself (a kernel: :mod:`pmpo.app.zerogpu`), its tensors on the CPU."""
+    model = zerogpu.kernel_model(model)
+    with torch.no_grad():
+        cw = model.class_weights(names, templates, progress)
+    return dataclasses.replace(cw, weights=cw.weights.cpu(), prior=cw.prior.cpu(),
+                               prompts=cw.prompts.cpu() if cw.prompts is not None else None)
 
 
 def shipped_prompts_dir(spec: BackboneSpec) -> Path | None:

@@ -15,6 +15,7 @@ visitor sees is accuracy on images the prompts never saw, not training accuracy.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import queue
@@ -35,6 +36,8 @@ from pmpo.data.loader import load_image
 from pmpo.errors import DatasetError, InputError, PMPOError
 from pmpo.model import build_model
 
+from . import zerogpu
+from .features import ImageFeatures
 from .inputs import MAX_CLASSNAME_CHARS, display_name, file_path
 from .state import TRAINED_PREFIX, AppState, BackboneSpec, LRU
 
@@ -270,7 +273,8 @@ class TrainLimits:
     ``SPACE_ID`` is set, gets defaults that keep it shared):
 
     * ``PMPO_MAX_TRAIN_SECONDS`` — every run stops there at the latest, keeps its prompts and
-      reports held-out accuracy (Space default 600; elsewhere none);
+      reports held-out accuracy (Space default 600; ZeroGPU 120, at most 270: a training is one GPU
+      call; elsewhere none);
     * ``PMPO_MAX_TRAIN_IMAGES`` — training images per run (Space default 500; elsewhere 2000);
     * ``PMPO_MAX_TRAININGS`` — trainings running at once, server-wide; more wait in the queue
       (default 1). A session never runs two at once."""
@@ -296,7 +300,15 @@ class TrainLimits:
                 raise InputError(f"{name} must be at least {least:g}, got {raw}")
             return value
 
-        return cls(max_seconds=number("PMPO_MAX_TRAIN_SECONDS", 600 if space else 0),
+        if zerogpu.active(env):  # a training is one GPU call, billed to the visitor's daily quota
+            most = zerogpu.TRAIN_MAX_S - zerogpu.TRAIN_SETUP_S
+            seconds = number("PMPO_MAX_TRAIN_SECONDS", ZEROGPU_TRAIN_S)
+            if not 0 < seconds <= most:
+                raise InputError(f"PMPO_MAX_TRAIN_SECONDS must lie between 1 and {most} on ZeroGPU (a training is one "
+                                 f"GPU call of at most {zerogpu.TRAIN_MAX_S} s), got {seconds:g}")
+        else:
+            seconds = number("PMPO_MAX_TRAIN_SECONDS", 600 if space else 0)
+        return cls(max_seconds=seconds,
                    max_images=number("PMPO_MAX_TRAIN_IMAGES", 500 if space else MAX_TRAIN_IMAGES, int, 2),
                    max_concurrent=number("PMPO_MAX_TRAININGS", 1, int, 1))
 
@@ -364,6 +376,7 @@ APP_CACHED_VIEWS = 2
 # EVAL_GAP_MAX_S, and otherwise when scoring has cost no more than 1/EVAL_SHARE of the time since.
 EVAL_GAP_MIN_S, EVAL_GAP_MAX_S, EVAL_SHARE = 4.0, 45.0, 5.0
 FIRST_EVAL_S = 12.0  # the first comparison after this much training (or the first epoch's end)
+ZEROGPU_TRAIN_S = 120  # default PMPO_MAX_TRAIN_SECONDS on ZeroGPU
 YIELD_MAX_S = 30.0  # longest pause of a training for visitors' requests between two of its steps
 
 
@@ -422,34 +435,42 @@ def measure_cost(state: AppState, spec: BackboneSpec) -> PassCost:
     after ``COST_REFRESH_S``, keeping the smallest times seen: a measurement taken while something
     else ran (the start-up warm-up, another visitor's training) is slow, and would otherwise
     shorten every run fitted to a budget (the budget still stops a run that the estimate misjudged)."""
-    import torch
-
     found = state.pass_costs.get(spec)
     if found is not None and time.monotonic() - found.at < COST_REFRESH_S:
         return found
-    backbone = state.backbone(spec)
-    clip = backbone.clip
-    size = backbone.image_size
-    size = size if isinstance(size, (tuple, list)) else (size, size)
-    x = torch.randn(4, 3, *size, device=state.device)
-    tokens = backbone.tokenizer([f"a photo of a thing number {i}." for i in range(64)]).to(state.device)
-    with torch.no_grad():
-        clip.encode_image(x[:1])
-        t0 = time.perf_counter()
-        clip.encode_image(x)
-        image_s = (time.perf_counter() - t0) / 4
-        from pmpo.encoders import TextEncoder
-
-        text = TextEncoder(clip, backbone.tokenizer)
-        text.encode_tokens(tokens[:4])
-        t0 = time.perf_counter()
-        text.encode_tokens(tokens)
-        text_s = (time.perf_counter() - t0) / 64
+    image_s, text_s = time_passes(state.backbone(spec))
     if found is not None:
         image_s, text_s = min(image_s, found.image_s), min(text_s, found.text_s)
     cost = PassCost(image_s, text_s, time.monotonic())
     state.pass_costs.put(spec, cost)
     return cost
+
+
+@zerogpu.gpu(duration=zerogpu.PASS_S)
+def time_passes(backbone) -> tuple[float, float]:
+    """Seconds per image and per text sequence through ``backbone``'s towers (a kernel:
+    :mod:`pmpo.app.zerogpu`; on ZeroGPU it times the worker's GPU, where the training will run)."""
+    import torch
+
+    from pmpo.encoders import TextEncoder
+
+    clip = zerogpu.kernel_model(backbone.clip)
+    device = next(clip.parameters()).device
+    size = backbone.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    x = torch.randn(4, 3, *size, device=device)
+    tokens = backbone.tokenizer([f"a photo of a thing number {i}." for i in range(64)]).to(device)
+    with torch.no_grad():
+        clip.encode_image(x[:1])
+        t0 = time.perf_counter()
+        clip.encode_image(x)
+        image_s = (time.perf_counter() - t0) / 4
+        text = TextEncoder(clip, backbone.tokenizer)
+        text.encode_tokens(tokens[:4])
+        t0 = time.perf_counter()
+        text.encode_tokens(tokens)
+        text_s = (time.perf_counter() - t0) / 64
+    return image_s, text_s
 
 
 @dataclass
@@ -524,7 +545,7 @@ class HeldOut:
     """Accuracy on the held-out images: their plain features once (zero-shot, and the prompted
     view of methods without visual prompts), the prompted pass of the others at every scoring."""
 
-    def __init__(self, state: AppState, spec: BackboneSpec, model, items: list[Datum], classnames: list[str]):
+    def __init__(self, features: ImageFeatures, spec: BackboneSpec, model, items: list[Datum], classnames: list[str]):
         import torch
 
         from .features import preprocess
@@ -532,9 +553,10 @@ class HeldOut:
         self.model, self.classnames = model, classnames
         images = [load_image(d.path) for d in items]
         self.labels = torch.tensor([d.label for d in items])
-        self.plain = state.features.plain(spec, model, images)
+        self.plain = features.plain(spec, model, images)
         self.x = None if model.frozen_image_side else preprocess(model, images)
         self.cost_s = 0.0
+        self.zero_shot_accuracy: float | None = None
 
     @property
     def gap_s(self) -> float:
@@ -547,7 +569,8 @@ class HeldOut:
 
         with torch.no_grad():
             prior = self.model.prior_features(self.classnames)
-        return self._accuracy(self.plain @ prior.t())
+        self.zero_shot_accuracy = self._accuracy(self.plain @ prior.t())
+        return self.zero_shot_accuracy
 
     def trained(self) -> float:
         import torch
@@ -572,6 +595,125 @@ class HeldOut:
         return 100.0 * float((logits.argmax(-1).cpu() == self.labels).float().mean())
 
 
+# --- the training session (a kernel: pmpo.app.zerogpu) -------------------------------------------
+class StopFlag:
+    """A cancel signal that crosses into a ZeroGPU worker: a file (``threading.Event`` cannot be pickled)."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / f"stop-{uuid.uuid4().hex}"
+
+    def set(self) -> None:
+        self.path.touch()
+
+    def is_set(self) -> bool:
+        return self.path.exists()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _session_seconds(*_, budget_s: float = 0.0, **__) -> int:
+    """The GPU time a session asks ZeroGPU for: its budget plus setup, within the platform's bound."""
+    return int(min(zerogpu.TRAIN_MAX_S, (budget_s or zerogpu.TRAIN_MAX_S) + zerogpu.TRAIN_SETUP_S))
+
+
+@zerogpu.gpu(duration=_session_seconds)
+def train_session(*, model, spec: BackboneSpec, items: list[Datum], held: list[Datum], classnames: list[str], cfg,
+                  budget_s: float, started: float, stop, features: ImageFeatures | None = None,
+                  gate=None) -> Iterator[dict]:
+    """Zero-shot on the held-out images, the training with held-out scores on a time cadence, and
+    the final score, as a stream of picklable updates: ``zero_shot``, ``features``, ``step`` (with
+    ``steps_s``, the seconds inside steps so far), ``epoch``, ``heldout`` (with the scorer's cadence)
+    and last ``result`` (the TrainResult, the learned tensors on the CPU, whether the budget stopped
+    it) or ``failed``. ``features``/``gate`` are the server's pass store and request gate in-process
+    (None in a ZeroGPU worker, which has neither); ``started`` is the run's ``time.perf_counter()``
+    origin (system-wide on Linux, so a forked worker shares it)."""
+    from pmpo.engine import train
+
+    try:
+        model = zerogpu.kernel_model(model)
+        scorer = HeldOut(features or ImageFeatures(), spec, model, held, classnames) if held else None
+        yield {"type": "zero_shot", "accuracy": scorer.zero_shot() if scorer else None}
+    except Exception as exc:  # noqa: BLE001 (reported as an update: a worker's exception may not pickle)
+        yield _failed(exc)
+        return
+    updates: queue.Queue = queue.Queue()
+    # steps_s: seconds inside optimizer steps only (the ETA's rate); mark: when the training last left
+    # the callback (so feature passes, scoring and pauses for visitors are not counted as steps).
+    clock = {"train_start": None, "last_eval": None, "steps_s": 0.0, "mark": time.perf_counter(), "budget_hit": False}
+    steps_per_epoch = max(1, len(items) // cfg.batch_size)
+
+    def score(entry: dict) -> dict:
+        """The prompts as they are now; ``entry`` is the step they come from."""
+        accuracy = scorer.trained()
+        clock["last_eval"] = time.perf_counter()
+        return {"type": "heldout", "elapsed_s": time.perf_counter() - started, "step": entry["step"],
+                "epoch": round(entry["epoch"] - 1 + entry["epoch_step"] / steps_per_epoch, 2),
+                "zero_shot": scorer.zero_shot_accuracy, "trained": accuracy, "gap_s": scorer.gap_s,
+                "cost_s": scorer.cost_s}
+
+    def progress(entry: dict) -> None:
+        now = time.perf_counter()
+        try:
+            if entry.get("type") != "step":
+                updates.put(entry)
+                return
+            clock["steps_s"] += now - clock["mark"]
+            updates.put({**entry, "steps_s": clock["steps_s"]})
+            if clock["train_start"] is None:
+                clock["train_start"] = now
+            if budget_s and now - started >= budget_s and not stop.is_set():
+                clock["budget_hit"] = True
+                stop.set()
+            if gate is not None:
+                gate.wait_idle(YIELD_MAX_S)  # give way to visitors' requests between steps
+            if scorer is None or entry["step"] == entry["total_steps"]:
+                return  # the last step's score comes after the run (also when cancelled)
+            since = time.perf_counter() - (clock["last_eval"] or clock["train_start"])
+            first_due = clock["last_eval"] is None and (since >= FIRST_EVAL_S or entry["epoch_step"] == steps_per_epoch)
+            if first_due or (clock["last_eval"] is not None and since >= scorer.gap_s):
+                updates.put(score(entry))
+        finally:
+            clock["mark"] = time.perf_counter()
+
+    def run() -> None:
+        try:
+            result = train(model, items, classnames, cfg, progress=progress, stop=stop)
+            last = updates_seen.get("step")
+            if scorer is not None and last is not None:
+                updates.put(score(last))
+            learned = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith("prompts.")}
+            updates.put({"type": "result", "result": result, "state": learned, "budget_hit": clock["budget_hit"]})
+        except BaseException as exc:  # noqa: BLE001 (the session reports it; the thread must not die silently)
+            updates.put(_failed(exc))
+        finally:
+            updates.put(None)
+
+    updates_seen: dict[str, dict] = {}
+    thread = threading.Thread(target=run, name="pmpo-train-session", daemon=True)
+    thread.start()
+    try:
+        while (entry := updates.get()) is not None:
+            if entry.get("type") == "step":
+                updates_seen["step"] = entry
+            yield entry
+    finally:  # the consumer went away (a closed stream): stop the training at its next step
+        if thread.is_alive():
+            stop.set()
+        thread.join()
+
+
+def _failed(exc: BaseException) -> dict:
+    """A failure as a picklable update: a PMPOError's message is for the visitor; anything else
+    names its type, and the traceback goes to the server's log."""
+    import traceback
+
+    message = str(exc) if isinstance(exc, PMPOError) else f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, PMPOError):
+        log.error("training failed", exc_info=exc)
+    return {"type": "failed", "error": message, "traceback": "".join(traceback.format_exception(exc))}
+
+
 # --- the run --------------------------------------------------------------------------------------
 def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, items: list[Datum],
                  classnames: list[str], stop: threading.Event, name: str | None = None,
@@ -582,8 +724,6 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
     time cadence; ``budget_s`` (0: none) fits the epochs to the estimate and stops the run there at
     the latest; a cancel or the budget keeps the prompts learned so far. The final update names
     the new checkpoint, which only ``session`` (the browser session that trained it) is offered."""
-    from pmpo.engine import train
-
     if method not in TRAIN_METHODS:
         raise InputError(f"Unknown method {method!r}; choose one of {', '.join(TRAIN_METHODS)}.")
     budget_s = float(budget_s or 0)
@@ -619,70 +759,34 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
                               "n_train": len(items), "n_heldout": len(held), "epochs": run_epochs, "budget_s": budget_s}
     plan = (f"{run_epochs} epoch(s)" + (f" (fitted to the {budget_s:.0f} s budget)" if run_epochs < int(epochs) else "")
             + f", estimated {_duration(est.total(run_epochs))}")
-    scorer = None
-    if held:
-        scorer = HeldOut(state, spec, model, held, classnames)
-        report["zero_shot"] = scorer.zero_shot()
-        yield TrainUpdate(f"Held out {len(held)} of {len(items) + len(held)} images (one in {HOLDOUT_EVERY} per class) "
-                          f"to score the result; zero-shot accuracy on them: {report['zero_shot']:.1f}%. Training {plan}…",
-                          report=_stamp(report, started))
-
     updates: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
-    # steps_s: seconds inside optimizer steps only (the ETA's rate); mark: when the training last left
-    # this callback (so feature passes, scoring and pauses for visitors are not counted as steps).
-    clock = {"train_start": None, "last_eval": None, "steps_s": 0.0, "mark": time.perf_counter(), "budget_hit": False}
-    steps_per_epoch = max(1, len(items) // cfg.batch_size)
-
-    def heldout_row(entry: dict) -> dict:
-        """Score the prompts as they are now; ``entry`` is the step they come from."""
-        accuracy = scorer.trained()
-        return {"elapsed_s": time.perf_counter() - started, "step": entry["step"],
-                "epoch": round(entry["epoch"] - 1 + entry["epoch_step"] / steps_per_epoch, 2),
-                "zero_shot": report["zero_shot"], "trained": accuracy}
-
-    def score(entry: dict) -> None:
-        """Runs in the training thread, between optimizer steps."""
-        row = heldout_row(entry)
-        clock["last_eval"] = time.perf_counter()
-        updates.put({"type": "heldout", **row})
-
-    def progress(entry: dict) -> None:
-        now = time.perf_counter()
-        try:
-            updates.put(entry)
-            if entry.get("type") != "step":
-                return
-            clock["steps_s"] += now - clock["mark"]
-            if clock["train_start"] is None:
-                clock["train_start"] = now
-            if budget_s and now - started >= budget_s and not stop.is_set():
-                clock["budget_hit"] = True
-                stop.set()
-            state.inference.wait_idle(YIELD_MAX_S)  # give way to visitors' requests between steps
-            if scorer is None or entry["step"] == entry["total_steps"]:
-                return  # the last step's score comes after the run (also when cancelled)
-            since = time.perf_counter() - (clock["last_eval"] or clock["train_start"])
-            first_due = clock["last_eval"] is None and (since >= FIRST_EVAL_S or entry["epoch_step"] == steps_per_epoch)
-            if first_due or (clock["last_eval"] is not None and since >= scorer.gap_s):
-                score(entry)
-        finally:
-            clock["mark"] = time.perf_counter()
+    # On ZeroGPU the session runs in a forked worker: a threading.Event cannot be pickled into it, so
+    # a cancel there travels as a file (StopFlag), set by this loop when ``stop`` is.
+    flag = StopFlag(state.cache_dir) if zerogpu.active() else None
+    session_args = dict(model=model, spec=spec, items=items, held=held, classnames=classnames, cfg=cfg,
+                        budget_s=budget_s, started=started, stop=flag or stop,
+                        features=None if flag else state.features, gate=None if flag else state.inference)
 
     def worker() -> None:
         try:
-            outcome["result"] = train(model, items, classnames, cfg, progress=progress, stop=stop)
+            for entry in train_session(**session_args):
+                updates.put(entry)
         except BaseException as exc:  # reported to the user below; the thread must not die silently
             outcome["error"] = exc
         finally:
             updates.put(None)
 
-    thread = threading.Thread(target=worker, name="pmpo-app-train", daemon=True)
+    # The copied context carries the visitor's request into the thread (ZeroGPU bills their quota).
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(worker,), name="pmpo-app-train", daemon=True)
     thread.start()
     history: list[dict] = []
     features_done = None
+    clock: dict[str, Any] = {"steps_s": 0.0, "train_start": None, "gap_s": None, "cost_s": 0.0}
     finished, last_yield = False, 0.0
     while not finished:
+        if flag is not None and stop.is_set():
+            flag.set()
         urgent = False
         try:
             item = updates.get(timeout=poll_s)
@@ -692,33 +796,55 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
         except queue.Empty:
             batch = []
         for entry in batch:
+            kind = entry.get("type") if entry is not None else None
             if entry is None:
                 finished = True
-            elif entry.get("type") == "heldout":
-                report["heldout"].append({k: v for k, v in entry.items() if k != "type"})
+            elif kind == "zero_shot":
+                report["zero_shot"] = entry["accuracy"]
                 urgent = True
-            elif entry.get("type") == "features":
+                if entry["accuracy"] is not None:
+                    yield TrainUpdate(f"Held out {len(held)} of {len(items) + len(held)} images (one in {HOLDOUT_EVERY} "
+                                      f"per class) to score the result; zero-shot accuracy on them: "
+                                      f"{entry['accuracy']:.1f}%. Training {plan}…", report=_stamp(report, started))
+            elif kind == "heldout":
+                report["heldout"].append({k: v for k, v in entry.items() if k not in ("type", "gap_s", "cost_s")})
+                clock.update(gap_s=entry["gap_s"], cost_s=entry["cost_s"])
+                urgent = True
+            elif kind == "features":
                 features_done = (entry["done"], entry["total"])
+            elif kind == "result":
+                outcome.update(entry)
+            elif kind == "failed":
+                outcome["error"] = entry["error"]
+            elif kind == "step":
+                clock.update(steps_s=entry["steps_s"], train_start=clock["train_start"] or time.perf_counter())
+                history.append({k: v for k, v in entry.items() if k != "steps_s"})
             else:
                 history.append(entry)
         now = time.perf_counter()
         if not finished and (urgent or now - last_yield >= poll_s):
             last_yield = now
             report["phase"] = "features" if features_done and not history else ("training" if history else "preparing")
-            report["eta_s"] = _eta(history, cfg, clock, est, scorer)
+            report["eta_s"] = _eta(history, cfg, clock, est)
             yield TrainUpdate(_running_status(history, cfg.epochs, started, len(items), features_done, report),
                               list(history), report=_stamp(report, started))
     thread.join()
+    if flag is not None:
+        flag.clear()
 
     if "error" in outcome:
         exc = outcome["error"]
-        if not isinstance(exc, PMPOError):
-            log.error("training failed", exc_info=exc)
-        message = str(exc) if isinstance(exc, PMPOError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, str):  # reported by the session, which logged its traceback
+            message = exc
+        else:
+            if not isinstance(exc, PMPOError):
+                log.error("training failed", exc_info=exc)
+            message = str(exc) if isinstance(exc, PMPOError) else f"{type(exc).__name__}: {exc}"
         report.update(phase="failed", done=True, eta_s=0.0)
         yield TrainUpdate(f"Training failed: {message}", history, done=True, error=True, report=_stamp(report, started))
         return
     result = outcome["result"]
+    model.load_state_dict(outcome["state"], strict=False)  # the session's model (a copy on ZeroGPU)
     report.update(stopped=result.stopped, images_per_s=result.images_per_s or None)
     if not history:
         report.update(phase="cancelled", done=True, eta_s=0.0)
@@ -736,14 +862,13 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
     out = state.checkpoint_path(choice, session)  # the session's copy (deleted with the session)
     shutil.rmtree(written.parent, ignore_errors=True)
     last = history[-1]
-    if scorer is not None:
-        report["heldout"].append(heldout_row(last))
+    if held and report["heldout"]:
         accuracy = report["heldout"][-1]["trained"]
         score_line = (f"**Held-out accuracy** ({len(held)} images the training never saw): zero-shot "
                       f"{report['zero_shot']:.1f}% → trained {accuracy:.1f}% ({accuracy - report['zero_shot']:+.1f} points). ")
     else:
         score_line = "No class has two images, so nothing could be held out to score the result. "
-    why = ("Stopped at the time budget" if clock["budget_hit"] else "Cancelled") if result.stopped else "Finished"
+    why = ("Stopped at the time budget" if outcome["budget_hit"] else "Cancelled") if result.stopped else "Finished"
     report.update(phase="done", done=True, eta_s=0.0, checkpoint=choice)
     status = (
         f"{why} after {steps_done} step(s) ({len(result.history)} full epoch(s)) in {time.perf_counter() - started:.1f} s "
@@ -759,7 +884,7 @@ def _stamp(report: dict, started: float) -> dict:
     return {**report, "heldout": list(report["heldout"])}
 
 
-def _eta(history: list[dict], cfg, clock: dict, est: Estimate, scorer: HeldOut | None) -> float:
+def _eta(history: list[dict], cfg, clock: dict, est: Estimate) -> float:
     """Seconds left: the remaining steps at the measured step time (scoring excluded), plus the
     scorings still to come at their measured cost; before the first step, the estimate."""
     if not history or clock["train_start"] is None:
@@ -767,8 +892,8 @@ def _eta(history: list[dict], cfg, clock: dict, est: Estimate, scorer: HeldOut |
     h = history[-1]
     per_step = clock["steps_s"] / max(1, h["step"])
     left = max(0, h["total_steps"] - h["step"]) * per_step
-    if scorer is not None:
-        left += (left / scorer.gap_s + 1) * scorer.cost_s
+    if clock["gap_s"]:
+        left += (left / clock["gap_s"] + 1) * clock["cost_s"]
     return round(left, 1)
 
 
