@@ -63,6 +63,14 @@ REPOS: dict[str, ReferenceRepo] = {
     "maple": ReferenceRepo("maple", "muzairkhattak/multimodal-prompt-learning", "multimodal-prompt-learning",
                            ("trainers/maple.py", "clip/model.py",
                             "configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml")),
+    # Used by ``pmpo verify`` (pmpo/verify.py): PromptSRC's trainer, and KgCoOp's with the Dassl it ships.
+    "promptsrc": ReferenceRepo("promptsrc", "muzairkhattak/PromptSRC", "PromptSRC",
+                               ("trainers/promptsrc.py", "clip/model.py",
+                                "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml")),
+    "kgcoop": ReferenceRepo("kgcoop", "htyao89/KgCoOp", "KgCoOp",
+                            ("KgCoOp/trainers/kgcoop.py", "KgCoOp/clip/model.py",
+                             "KgCoOp/configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml",
+                             "Dassl.ProGrad.pytorch/dassl/engine/trainer.py")),
 }
 # Their trainer config per method: the yaml their scripts pass, and the trainer module.
 THEIR_CONFIG = {"coop": "configs/trainers/CoOp/vit_b16.yaml",

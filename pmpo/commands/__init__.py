@@ -11,6 +11,7 @@ SUMMARIES: dict[str, str] = {
     "table": "tables (mean ± std over seeds) from result.json files",
     "sweep": "run datasets × methods × seeds from a YAML file (resumable)",
     "bench": "measure inference/training speed and memory against plain open_clip",
+    "verify": "train each baseline step by step next to its authors' trainer and compare",
     "analyze": "per-depth prompt analysis: figures (PNG+PDF) and their numbers (CSV)",
     "app": "start the Gradio demo (pmpo app --help for its options)",
 }
