@@ -110,3 +110,47 @@ def test_space_upload_is_what_the_space_runs_and_nothing_else(tmp_path):
     assert "*.safetensors filter=lfs" in deploy.SPACE_GITATTRIBUTES and "*.png filter=lfs" in deploy.SPACE_GITATTRIBUTES
     runtime = (REPO / "requirements.txt").read_text()
     assert "pytest" not in runtime and "playwright" not in runtime  # test tools stay off the Space
+
+
+def test_space_deploy_sets_the_hardware_and_the_owners_limits(monkeypatch):
+    """--hardware and the limit options become the Space's hardware request and PMPO_* variables,
+    checked with the app's own rules first (a ZeroGPU training is one GPU call: its limit has a
+    ceiling); the upload goes through one commit."""
+    import importlib.util
+
+    import huggingface_hub
+
+    spec = importlib.util.spec_from_file_location("deploy_space", REPO / "tools" / "deploy_space.py")
+    deploy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy)
+    hardware, variables = deploy.space_settings("zero-a10g", {"max_train_seconds": 90.0, "max_trainings": 2,
+                                                             "allowed_backbones": None, "dry_run": True})
+    assert hardware == "zero-a10g" and variables == {"PMPO_MAX_TRAIN_SECONDS": "90", "PMPO_MAX_TRAININGS": "2"}
+    for bad in (("zero-a10g", {"max_train_seconds": 900.0}), ("gpu-big", {}), (None, {"max_train_images": 1}),
+                ("cpu-basic", {"max_trainings": 0})):
+        with pytest.raises(ValueError):
+            deploy.space_settings(*bad)
+    assert deploy.main(["me/space", "--dry-run", "--hardware", "zero-a10g", "--max-train-seconds", "900"]) == 2
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw.get("space_sdk")))
+
+        def add_space_variable(self, repo_id, key, value):
+            calls.append(("variable", key, value))
+
+        def create_commit(self, repo_id, operations, **kw):
+            calls.append(("commit", len(operations)))
+            return type("Info", (), {"commit_url": "https://huggingface.co/spaces/me/space/commit/1"})()
+
+        def request_space_hardware(self, repo_id, hardware):
+            calls.append(("hardware", hardware))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert deploy.main(["me/space", "--hardware", "cpu-upgrade", "--max-train-seconds", "300"]) == 0
+    kinds = [c[0] for c in calls]
+    assert kinds == ["create_repo", "variable", "commit", "hardware"], calls
+    assert ("variable", "PMPO_MAX_TRAIN_SECONDS", "300") in calls and ("hardware", "cpu-upgrade") in calls
+    assert calls[2][1] == len(deploy.space_files()) + 1  # every Space file and the .gitattributes

@@ -2,7 +2,14 @@
 """Deploy this checkout as a Hugging Face Space (Gradio SDK; the README's front matter configures it).
 
     python tools/deploy_space.py USER/SPACE            # needs `huggingface-cli login` or HF_TOKEN
-    python tools/deploy_space.py USER/SPACE --dry-run  # list what would be uploaded
+    python tools/deploy_space.py USER/SPACE --dry-run  # list what would be uploaded and set
+    python tools/deploy_space.py USER/SPACE --hardware zero-a10g --max-train-seconds 90
+
+The hardware (``--hardware``: cpu-basic, cpu-upgrade, zero-a10g for ZeroGPU, or a dedicated GPU such as
+t4-small / a10g-small / l4x1) and the owner's settings (``--max-train-seconds``, ``--max-train-images``,
+``--max-trainings``, ``--allowed-backbones``, ``--model``, ``--pretrained``) become the Space's hardware
+request and its variables, which the app reads at start (``PMPO_*``). They are checked here first,
+with the app's own rules, so a typo fails before anything is uploaded.
 
 One commit through ``huggingface_hub`` (already installed with open_clip): the Hub stores the
 offline model (17.6 MB) and any large or binary file through LFS/Xet itself, which a plain
@@ -40,14 +47,52 @@ def space_files(root: Path = ROOT) -> list[str]:
     return list(filter_repo_objects(paths, allow_patterns=ALLOW, ignore_patterns=IGNORE))
 
 
-def deploy(repo_id: str, root: Path = ROOT, private: bool = False) -> str:
+# Option → the Space variable the app reads (pmpo/app/main.py, pmpo/app/train.py TrainLimits).
+VARIABLES = {"max_train_seconds": "PMPO_MAX_TRAIN_SECONDS", "max_train_images": "PMPO_MAX_TRAIN_IMAGES",
+             "max_trainings": "PMPO_MAX_TRAININGS", "allowed_backbones": "PMPO_ALLOWED_BACKBONES",
+             "model": "PMPO_MODEL", "pretrained": "PMPO_PRETRAINED"}
+ZERO_GPU = "zero-a10g"  # the Hub's name for ZeroGPU hardware
+
+
+def space_settings(hardware: str | None, options: dict) -> tuple[str | None, dict[str, str]]:
+    """The hardware request and the Space variables for these options, checked as the app will check
+    them on that hardware (a ZeroGPU training is one GPU call, so its time limit has a ceiling)."""
+    from huggingface_hub import SpaceHardware
+
+    names = [h.value for h in SpaceHardware]
+    if hardware is not None and hardware not in names:
+        raise ValueError(f"unknown hardware {hardware!r}; the Hub offers: {', '.join(names)}")
+    variables = {VARIABLES[k]: f"{v:g}" if isinstance(v, float) else str(v)
+                 for k, v in options.items() if k in VARIABLES and v is not None}
+    env = {**variables, "SPACE_ID": "check/limits"}
+    from pmpo.app import zerogpu
+    from pmpo.app.train import TrainLimits
+    from pmpo.errors import PMPOError
+
+    try:
+        limits = TrainLimits.from_env(env)
+    except PMPOError as exc:
+        raise ValueError(str(exc)) from None
+    most = zerogpu.TRAIN_MAX_S - zerogpu.TRAIN_SETUP_S
+    if hardware == ZERO_GPU and "PMPO_MAX_TRAIN_SECONDS" in variables and not 0 < limits.max_seconds <= most:
+        raise ValueError(f"--max-train-seconds must lie between 1 and {most} on ZeroGPU (a training is one GPU call)")
+    return hardware, variables
+
+
+def deploy(repo_id: str, root: Path = ROOT, private: bool = False, hardware: str | None = None,
+           variables: dict[str, str] | None = None) -> str:
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi()
     api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
     ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(root / p)) for p in space_files(root)]
     ops.append(CommitOperationAdd(path_in_repo=".gitattributes", path_or_fileobj=SPACE_GITATTRIBUTES.encode()))
+    # Variables first: the commit restarts the Space, which then starts with them.
+    for key, value in (variables or {}).items():
+        api.add_space_variable(repo_id, key, value)
     info = api.create_commit(repo_id, repo_type="space", operations=ops, commit_message="Deploy PMPO demo")
+    if hardware:  # an existing Space keeps its hardware unless asked (paid tiers are billed to the owner)
+        api.request_space_hardware(repo_id, hardware)
     return info.commit_url
 
 
@@ -56,15 +101,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("repo_id", help="USER/SPACE on huggingface.co (created if missing)")
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list the files and their total size, upload nothing")
+    p.add_argument("--hardware", help=f"Space hardware: cpu-basic (free), cpu-upgrade, {ZERO_GPU} (ZeroGPU), "
+                                      "t4-small, a10g-small, l4x1, … (default: leave it as it is)")
+    p.add_argument("--max-train-seconds", type=float, help="PMPO_MAX_TRAIN_SECONDS: every training stops there")
+    p.add_argument("--max-train-images", type=int, help="PMPO_MAX_TRAIN_IMAGES: training images per run")
+    p.add_argument("--max-trainings", type=int, help="PMPO_MAX_TRAININGS: trainings running at once")
+    p.add_argument("--allowed-backbones", help="PMPO_ALLOWED_BACKBONES: 'MODEL+TAG, ...' visitors may load")
+    p.add_argument("--model", help="PMPO_MODEL: the start-up backbone (default ViT-B-16-quickgelu)")
+    p.add_argument("--pretrained", help="PMPO_PRETRAINED: its weights tag (default openai)")
     args = p.parse_args(argv)
+    try:
+        hardware, variables = space_settings(args.hardware, vars(args))
+    except ValueError as exc:
+        print(f"deploy_space: error: {exc}", file=sys.stderr)
+        return 2
     files = space_files()
     size = sum((ROOT / f).stat().st_size for f in files)
     if args.dry_run:
         print("\n".join(files))
         print(f"{len(files)} files, {size / 1e6:.1f} MB (+ .gitattributes)", file=sys.stderr)
+        print(f"hardware: {hardware or 'unchanged'}; variables: "
+              + (", ".join(f"{k}={v}" for k, v in variables.items()) or "none"), file=sys.stderr)
         return 0
     try:
-        print(deploy(args.repo_id, private=args.private))
+        print(deploy(args.repo_id, private=args.private, hardware=hardware, variables=variables))
     except Exception as exc:  # network, auth: one line, not a traceback
         print(f"deploy_space: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
         return 1
