@@ -600,15 +600,15 @@ def run_training(client, endpoints: dict, method: str, epochs: int, files: Seque
 
 
 def train_epochs(model: str, pretrained: str | None, override: int | None) -> tuple[int, str]:
-    """The Train tab's default epochs for the backbone: ``pmpo.app.train.default_epochs``."""
+    """The Train tab's default epochs for the backbone: ``pmpo.app.recipe.default_epochs``."""
     if override is not None:
         return override, "--train-epochs"
     try:
         from pmpo.app.state import BackboneSpec
-        from pmpo.app.train import default_epochs
+        from pmpo.app.recipe import default_epochs
     except ImportError as exc:
-        raise BenchError(f"pmpo.app.train.default_epochs is gone ({exc}); give --train-epochs") from exc
-    return int(default_epochs(BackboneSpec.of(model, pretrained))), "pmpo.app.train.default_epochs"
+        raise BenchError(f"pmpo.app.recipe.default_epochs is gone ({exc}); give --train-epochs") from exc
+    return int(default_epochs(BackboneSpec.of(model, pretrained))), "pmpo.app.recipe.default_epochs"
 
 
 def run_backbone(key: str, opts: argparse.Namespace, work: Path, into: list | None = None) -> dict[str, Any]:
@@ -778,9 +778,9 @@ def run_trainings(res: dict, client, endpoints: dict, bb: tuple[str, str], work:
     rows = res["rows"]
     try:
         from pmpo.app.state import BackboneSpec
-        from pmpo.app.train import example_set_for
+        from pmpo.app.trainset import example_set_for
     except ImportError as exc:
-        raise BenchError(f"pmpo.app.train.example_set_for is gone ({exc}): cannot make the Train tab's example set") from exc
+        raise BenchError(f"pmpo.app.trainset.example_set_for is gone ({exc}): cannot make the Train tab's example set") from exc
     # The set the page's "Use example training images" gives on this backbone (real photos on a real CLIP).
     files = [Path(p) for p in example_set_for(BackboneSpec.of(bb[0], bb[1] or None), work / "train-examples")]
     epochs, source = train_epochs(bb[0], bb[1] or None, opts.train_epochs)

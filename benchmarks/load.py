@@ -94,7 +94,7 @@ def main() -> int:
         from gradio_client import Client, handle_file
 
         from pmpo.app.state import BackboneSpec
-        from pmpo.app.train import example_set_for
+        from pmpo.app.trainset import example_set_for
 
         burst(url, images(work, 1, "warm"), args.timeout)  # builds the model and the text features
         for training in (False, True):

@@ -15,9 +15,10 @@ from PIL import Image
 from pmpo.app import attention, benchmarks, classify, embeddings, inputs
 from pmpo.app.features import image_digest, preprocess
 from pmpo.app import state as app_state
+from pmpo.app import recipe, session, trainset
 from pmpo.app import train as train_tab
 from pmpo.app.state import UNTRAINED, AppState, BackboneSpec, LRU, example_images, label_from_filename, open_state
-from pmpo import PMPOConfig, build_model
+from pmpo import PMPOConfig, build_model, save_checkpoint
 from pmpo.errors import CheckpointError, InputError
 
 TEMPLATES = ["a photo of a {}."]
@@ -43,7 +44,7 @@ def trained_checkpoint(state, tmp_path_factory) -> str:
     with torch.no_grad():
         model.prompts.ctx.add_(torch.randn(model.prompts.ctx.shape, generator=torch.Generator().manual_seed(3)))
     path = tmp_path_factory.mktemp("ckpt") / "moved.safetensors"
-    model.save(str(path))
+    save_checkpoint(model, path)
     return str(path)
 
 
@@ -216,7 +217,7 @@ def test_each_image_goes_through_the_tower_once_across_tabs(state, pictures, tmp
     torch.manual_seed(1)
     model = build_model(PMPOConfig(method=method, model=backbone.model_name, pretrained="none"), backbone=backbone)
     path = tmp_path / f"{method}-once.safetensors"
-    model.save(str(path))
+    save_checkpoint(model, path)
     entry = state.model(None, state.add_checkpoint_file(str(path)))
     images = [Image.open(p).convert("RGB") for p in pictures[:3]]
     shift = 1 + ["pmpo", "coop", "cocoop"].index(method)  # content no other test (or parameter) has sent
@@ -279,8 +280,8 @@ def test_every_new_method_runs_in_every_tab(state, pictures, tmp_path, method):
         for p in model.learnable_parameters():
             p.add_(0.3 * torch.randn_like(p))
     path = tmp_path / f"{method}.safetensors"
-    model.save(str(path))
-    assert method in train_tab.TRAIN_METHODS
+    save_checkpoint(model, path)
+    assert method in recipe.TRAIN_METHODS
     entry = state.model(None, state.add_checkpoint_file(str(path)))
     images = [Image.open(p).convert("RGB") for p in pictures[:2]]
     scores = classify.score(state, entry, images, ["a", "b"], CLASSES, TEMPLATES)
@@ -419,44 +420,44 @@ def _labelled_pngs(folder: Path, classes=("red circle", "blue square"), per_clas
 
 def test_labels_from_table_zip_and_folder(tmp_path):
     paths = _labelled_pngs(tmp_path / "flat")
-    rows = train_tab.label_rows(paths)
+    rows = trainset.label_rows(paths)
     assert rows[0] == ["red_circle_0.png", "red circle"]
     rows[1][1] = "blue square"  # the user relabels one file
-    items, names = train_tab.items_from_table(paths, rows)
+    items, names = trainset.items_from_table(paths, rows)
     assert names == ["blue square", "red circle"] and [d.classname for d in items][:2] == ["red circle", "blue square"]
 
     archive = tmp_path / "data.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for p in paths:
-            zf.write(p, f"data/{train_tab.guess_label(Path(p).name)}/{Path(p).name}")
+            zf.write(p, f"data/{trainset.guess_label(Path(p).name)}/{Path(p).name}")
         zf.writestr("../evil/escape.png", b"x")
         zf.writestr("__MACOSX/data/._x.png", b"x")
-    items, names = train_tab.items_from_zip(str(archive), tmp_path / "unzipped")
+    items, names = trainset.items_from_zip(str(archive), tmp_path / "unzipped")
     assert names == ["blue square", "red circle"] and len(items) == 4
     assert not (tmp_path / "evil").exists()
     assert all(Path(d.path).is_relative_to(tmp_path / "unzipped") for d in items)
 
     for p in paths:
-        dest = tmp_path / "tree" / train_tab.guess_label(Path(p).name) / Path(p).name
+        dest = tmp_path / "tree" / trainset.guess_label(Path(p).name) / Path(p).name
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(Path(p).read_bytes())
-    items, names = train_tab.items_from_folder(str(tmp_path / "tree"))
+    items, names = trainset.items_from_folder(str(tmp_path / "tree"))
     assert len(items) == 4 and names == ["blue square", "red circle"]
 
     with pytest.raises(InputError, match="two classes"):
-        train_tab.items_from_table(paths[:2], [])
+        trainset.items_from_table(paths[:2], [])
     with pytest.raises(InputError, match="not a readable zip"):
-        train_tab.items_from_zip(paths[0], tmp_path)
+        trainset.items_from_zip(paths[0], tmp_path)
 
 
 def test_folder_paths_are_refused_on_spaces(monkeypatch, tmp_path):
     monkeypatch.setenv("SPACE_ID", "user/space")
     with pytest.raises(InputError, match="disabled"):
-        train_tab.items_from_folder(str(tmp_path))
+        trainset.items_from_folder(str(tmp_path))
 
 
 def test_training_yields_progress_and_registers_checkpoint(state, tmp_path):
-    items, names = train_tab.items_from_table(_labelled_pngs(tmp_path), None)
+    items, names = trainset.items_from_table(_labelled_pngs(tmp_path), None)
     updates = list(train_tab.run_training(state, state.default_spec, "coop", 2, items, names, threading.Event(),
                                           name="my prompts", poll_s=0.05, session="trainer"))
     final = updates[-1]
@@ -480,12 +481,12 @@ def test_holdout_keeps_one_in_four_per_class_and_never_a_lone_image(tmp_path):
     items = ([Datum(path=f"/x/a_{i:02d}.png", label=0, classname="a") for i in range(8)]
              + [Datum(path=f"/x/b_{i}.png", label=1, classname="b") for i in range(3)]
              + [Datum(path="/x/c_0.png", label=2, classname="c")])
-    train, held = train_tab.split_holdout(items)
+    train, held = trainset.split_holdout(items)
     assert sorted(d.path for d in held) == ["/x/a_03.png", "/x/a_07.png", "/x/b_2.png"]
     assert len(train) + len(held) == len(items) and not {d.path for d in train} & {d.path for d in held}
     assert [d.label for d in train].count(2) == 1  # a single image is never held out
     # The same images whatever order the files arrive in (reruns score the same held-out set).
-    assert sorted(d.path for d in train_tab.split_holdout(list(reversed(items)))[1]) == sorted(d.path for d in held)
+    assert sorted(d.path for d in trainset.split_holdout(list(reversed(items)))[1]) == sorted(d.path for d in held)
 
 
 def test_example_training_set_is_labelled_by_file_name(tmp_path):
@@ -493,13 +494,13 @@ def test_example_training_set_is_labelled_by_file_name(tmp_path):
 
     paths = example_training_images(tmp_path)
     assert len(paths) == len(TRAIN_EXAMPLE_CLASSES) * EXAMPLE_TRAIN_PER_CLASS and all(Path(p).is_file() for p in paths)
-    items, names = train_tab.items_from_table(paths, None)
+    items, names = trainset.items_from_table(paths, None)
     assert sorted(names) == sorted(TRAIN_EXAMPLE_CLASSES)
     assert example_training_images(tmp_path) == paths  # cached renders are reused
 
 
 def test_training_cancel_and_bad_method(state, tmp_path):
-    items, names = train_tab.items_from_table(_labelled_pngs(tmp_path), None)
+    items, names = trainset.items_from_table(_labelled_pngs(tmp_path), None)
     stop = threading.Event()
     stop.set()
     final = list(train_tab.run_training(state, state.default_spec, "pmpo", 3, items, names, stop, poll_s=0.05))[-1]
@@ -527,8 +528,8 @@ def _colour_set(folder: Path, per_class: int = 8) -> list[str]:
 def test_held_out_scores_arrive_while_training_and_cancel_keeps_the_prompts(state, tmp_path, monkeypatch, method):
     """The first held-out comparison comes during the run (not only at the end), with an ETA; a
     cancel after some steps saves the prompts learned so far, scores them and offers them."""
-    monkeypatch.setattr(train_tab, "FIRST_EVAL_S", 0.0)
-    items, names = train_tab.items_from_table(_colour_set(tmp_path), None)
+    monkeypatch.setattr(session, "FIRST_EVAL_S", 0.0)
+    items, names = trainset.items_from_table(_colour_set(tmp_path), None)
     stop = threading.Event()
     updates = []
     for upd in train_tab.run_training(state, state.default_spec, method, 40, items, names, stop, poll_s=0.01,
@@ -554,13 +555,13 @@ def test_held_out_scores_arrive_while_training_and_cancel_keeps_the_prompts(stat
 
 
 def test_time_budget_fits_the_epochs_and_stops_the_run(state, tmp_path, monkeypatch):
-    items, names = train_tab.items_from_table(_colour_set(tmp_path), None)
+    items, names = trainset.items_from_table(_colour_set(tmp_path), None)
     final = list(train_tab.run_training(state, state.default_spec, "pmpo", 50, items, names, threading.Event(),
                                         poll_s=0.05, budget_s=3))[-1]
     assert final.done and not final.error, final.status
     assert final.report["epochs"] < 50  # fitted to the budget by the estimate
     # An estimate that was too hopeful: the budget still ends the run, and keeps what was learned.
-    monkeypatch.setattr(train_tab, "estimate", lambda *a, **k: train_tab.Estimate(0.0, 1e-6, 0.0))
+    monkeypatch.setattr(train_tab, "estimate", lambda *a, **k: recipe.Estimate(0.0, 1e-6, 0.0))
     final = list(train_tab.run_training(state, state.default_spec, "pmpo", 50, items, names, threading.Event(),
                                         poll_s=0.05, budget_s=2))[-1]
     assert final.report["epochs"] == 50 and final.report["stopped"] and "time budget" in final.status, final.status
@@ -571,18 +572,18 @@ def test_time_budget_fits_the_epochs_and_stops_the_run(state, tmp_path, monkeypa
 
 def test_estimate_and_overview_before_training(state, tmp_path):
     paths = _colour_set(tmp_path, per_class=4)
-    rows = train_tab.class_summary(paths, None)
+    rows = trainset.class_summary(paths, None)
     assert rows == [["blue", 4, 1], ["green", 4, 1], ["red", 4, 1]]
-    table = [[Path(p).name, "red" if "green" in p else train_tab.guess_label(Path(p).name)] for p in paths]
-    assert train_tab.class_summary(paths, table) == [["blue", 4, 1], ["red", 8, 2]]
-    assert [c for _, c in train_tab.class_thumbnails(paths, None)] == ["blue (4)", "green (4)", "red (4)"]
-    line = train_tab.describe_estimate(state, state.default_spec, "pmpo", 12, 3, 20, 0)
+    table = [[Path(p).name, "red" if "green" in p else trainset.guess_label(Path(p).name)] for p in paths]
+    assert trainset.class_summary(paths, table) == [["blue", 4, 1], ["red", 8, 2]]
+    assert [c for _, c in trainset.class_thumbnails(paths, None)] == ["blue (4)", "green (4)", "red (4)"]
+    line = recipe.describe_estimate(state, state.default_spec, "pmpo", 12, 3, 20, 0)
     assert "per epoch" in line and "s per image pass" in line
-    fitted = train_tab.describe_estimate(state, state.default_spec, "pmpo", 12, 3, 50, 1)
+    fitted = recipe.describe_estimate(state, state.default_spec, "pmpo", 12, 3, 50, 1)
     assert "budget fits" in fitted
-    cost = train_tab.PassCost(image_s=0.2, text_s=0.004)
-    pmpo_est = train_tab.estimate(cost, PMPOConfig(method="pmpo"), 96, 32, 8, 0)
-    coop_est = train_tab.estimate(cost, PMPOConfig(method="coop"), 96, 32, 8, 2)
+    cost = recipe.PassCost(image_s=0.2, text_s=0.004)
+    pmpo_est = recipe.estimate(cost, PMPOConfig(method="pmpo"), 96, 32, 8, 0)
+    coop_est = recipe.estimate(cost, PMPOConfig(method="coop"), 96, 32, 8, 2)
     assert coop_est.epoch_s < pmpo_est.epoch_s / 10  # a text pass per step once features exist
     assert coop_est.setup_s == pytest.approx((2 * 96 + 32) * 0.2)
     assert pmpo_est.epochs_within(pmpo_est.total(3) + 1, 10) == 3 and pmpo_est.epochs_within(0, 10) == 10
@@ -684,7 +685,7 @@ def test_start_with_only_a_checkpoint_uses_its_backbone(tiny_model, tmp_path, st
     backbone = state.backbone()
     torch.manual_seed(3)
     path = tmp_path / "only.safetensors"
-    build_model(PMPOConfig(method="coop", model=backbone.model_name, pretrained="none"), backbone=backbone).save(str(path))
+    save_checkpoint(build_model(PMPOConfig(method="coop", model=backbone.model_name, pretrained="none"), backbone=backbone), path)
     st = open_state(None, None, checkpoint=str(path), device="cpu", cache_dir=tmp_path / "cache")
     assert st.default_spec.model == backbone.model_name and st.default_choice == "upload: only.safetensors"
     assert st.model().model.cfg.method == "coop" and not any("not loaded" in n for n in st.notices)
@@ -697,15 +698,15 @@ def test_example_training_set_trains_to_a_visible_held_out_gain(tmp_path):
     the offline model trains on full images (no random crop), as the benchmark does."""
     st = open_state(app_state.OFFLINE_MODEL, None, device="cpu", cache_dir=tmp_path / "cache",
                     shipped_dir=tmp_path / "checkpoints")
-    epochs = train_tab.default_epochs(st.default_spec)
-    assert epochs == train_tab.OFFLINE_EPOCHS
-    assert train_tab.train_config(epochs, 48, random_crop=False).min_crop_scale == 1.0
-    assert train_tab.train_config(epochs, 48).min_crop_scale < 1.0  # other backbones keep CoOp's crop
-    items, names = train_tab.items_from_table(app_state.example_training_images(tmp_path / "examples"), None)
+    epochs = recipe.default_epochs(st.default_spec)
+    assert epochs == recipe.OFFLINE_EPOCHS
+    assert recipe.train_config(epochs, 48, random_crop=False).min_crop_scale == 1.0
+    assert recipe.train_config(epochs, 48).min_crop_scale < 1.0  # other backbones keep CoOp's crop
+    items, names = trainset.items_from_table(app_state.example_training_images(tmp_path / "examples"), None)
     final = list(train_tab.run_training(st, st.default_spec, "pmpo", epochs, items, names, threading.Event(),
                                         poll_s=0.2))[-1]
     assert final.done and not final.error, final.status
-    assert final.heldout["n"] == len(names) * app_state.EXAMPLE_TRAIN_PER_CLASS // train_tab.HOLDOUT_EVERY
+    assert final.heldout["n"] == len(names) * app_state.EXAMPLE_TRAIN_PER_CLASS // trainset.HOLDOUT_EVERY
     # unseeded, as a visitor's run: seven runs gained +21.9 to +68.8 points (train.default_epochs)
     assert final.heldout["trained"] >= final.heldout["zero_shot"] + 15, final.heldout
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pmpo.app.launcher import launch, stop
-from pmpo.app.train import FASHION_PER_CLASS
+from pmpo.app.trainset import FASHION_PER_CLASS
 from test_app_client import launch_app
 
 CHROMIUM = Path("/usr/bin/chromium")

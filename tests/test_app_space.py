@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmpo import PMPOConfig, build_model, load_backbone
+from pmpo import PMPOConfig, build_model, load_backbone, save_checkpoint
 from pmpo.app import state as app_state
 from pmpo.app.launcher import launch, stop
 from pmpo.app.train import TrainLimits, TrainJobs
@@ -48,7 +48,7 @@ def checkpoint(tiny_model, tmp_path_factory) -> Path:
     backbone = load_backbone(tiny_model)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny-coop.safetensors"
-    build_model(PMPOConfig(method="coop", model=backbone.model_name, pretrained="none"), backbone=backbone).save(str(path))
+    save_checkpoint(build_model(PMPOConfig(method="coop", model=backbone.model_name, pretrained="none"), backbone=backbone), path)
     return path
 
 
@@ -109,7 +109,7 @@ def test_space_limit_stops_a_long_training_with_a_held_out_result(tiny_model, tm
     prompts and reports the held-out score; the page states the limits."""
     from gradio_client import Client, handle_file
 
-    from pmpo.app.train import FASHION_PER_CLASS
+    from pmpo.app.trainset import FASHION_PER_CLASS
     from pmpo.app.fashion import fashion_images
 
     proc, url, _ = launch(["--model", tiny_model, "--device", "cpu"], tmp_path / "app.log",
@@ -175,10 +175,11 @@ def test_a_training_gives_way_to_requests_between_its_steps(tiny_model, tmp_path
     import time
 
     from pmpo.app import train as train_tab
+    from pmpo.app import trainset
     from test_app import _colour_set
 
     st = app_state.open_state(tiny_model, None, device="cpu", cache_dir=tmp_path / "cache", shipped_dir=tmp_path)
-    items, names = train_tab.items_from_table(_colour_set(tmp_path), None)
+    items, names = trainset.items_from_table(_colour_set(tmp_path), None)
     run = train_tab.run_training(st, st.default_spec, "coop", 30, items, names, threading.Event(), poll_s=0.01)
     with st.inference.busy():
         held = time.perf_counter()
@@ -208,7 +209,7 @@ def test_zerogpu_runs_the_kernels_in_forked_workers_with_the_same_answers(tiny_m
 
     from pmpo.app.fashion import fashion_images
     from pmpo.app.launcher import ROOT
-    from pmpo.app.train import FASHION_PER_CLASS
+    from pmpo.app.trainset import FASHION_PER_CLASS
 
     examples = [handle_file(p) for p in app_state.example_images(tmp_path / "examples")[:3]]
     ask = dict(files=examples, classes_text="red circle, blue square, green triangle", api_name="/classify")

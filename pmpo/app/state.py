@@ -484,6 +484,11 @@ def _backbone_key(model: str) -> str:
     return model
 
 
+def is_offline_model(model_name: str) -> bool:
+    """The shipped ShapeWorld CLIP (by any of its names): its tasks, recipe and examples differ."""
+    return resolve_model_name(model_name) == OFFLINE_MODEL
+
+
 def offline_model_present() -> bool:
     return (Path(OFFLINE_MODEL[len(LOCAL_DIR):]) / "open_clip_config.json").is_file()
 

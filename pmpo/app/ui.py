@@ -24,6 +24,7 @@ from . import attention as attention_tab
 from . import benchmarks as benchmarks_tab
 from . import classify as classify_tab
 from . import embeddings as embeddings_tab
+from . import recipe, trainset
 from . import train as train_tab
 from .features import image_digest
 from .inputs import as_list, display_name, file_path, load_images, parse_classes, parse_templates
@@ -224,11 +225,11 @@ def build_demo(state: AppState) -> gr.Blocks:
         empty_plot = train_tab.progress_frame([], {})
         try:
             if zip_file is not None:
-                items, names = train_tab.items_from_zip(zip_file, state.cache_dir / "uploads")
+                items, names = trainset.items_from_zip(zip_file, state.cache_dir / "uploads")
             elif folder and folder.strip():
-                items, names = train_tab.items_from_folder(folder)
+                items, names = trainset.items_from_folder(folder)
             else:
-                items, names = train_tab.items_from_table(train_files, label_table)
+                items, names = trainset.items_from_table(train_files, label_table)
             limits.check_images(len(items))
             spec = BackboneSpec.of(bb_model, bb_pretrained)
             stop = jobs.start(key)
@@ -254,19 +255,19 @@ def build_demo(state: AppState) -> gr.Blocks:
     def train_overview(train_files, label_table, method, epochs, time_budget, bb_model, bb_pretrained):
         """Counts per class, one thumbnail per class and the estimate, for what is selected now."""
         try:
-            rows = train_tab.class_summary(train_files, label_table)
-            thumbs = train_tab.class_thumbnails(train_files, label_table)
+            rows = trainset.class_summary(train_files, label_table)
+            thumbs = trainset.class_thumbnails(train_files, label_table)
             n_images = sum(r[1] for r in rows)
-            line = train_tab.describe_estimate(state, BackboneSpec.of(bb_model, bb_pretrained), method, n_images,
+            line = recipe.describe_estimate(state, BackboneSpec.of(bb_model, bb_pretrained), method, n_images,
                                                len(rows), int(epochs), limits.budget(time_budget))
         except Exception as exc:  # noqa: BLE001 - an overview must never break the page
             if not isinstance(exc, PMPOError):
                 log.exception("train overview failed")
-            return pd.DataFrame(columns=train_tab.SUMMARY_HEADERS), [], f"*{error_text(exc)}*"
-        return pd.DataFrame(rows, columns=train_tab.SUMMARY_HEADERS), thumbs, line
+            return pd.DataFrame(columns=trainset.SUMMARY_HEADERS), [], f"*{error_text(exc)}*"
+        return pd.DataFrame(rows, columns=trainset.SUMMARY_HEADERS), thumbs, line
 
     def use_train_examples(bb_model, bb_pretrained):
-        return train_tab.example_set_for(BackboneSpec.of(bb_model, bb_pretrained), state.cache_dir / "train-examples")
+        return trainset.example_set_for(BackboneSpec.of(bb_model, bb_pretrained), state.cache_dir / "train-examples")
 
     def cancel(request: gr.Request):
         key = request.session_hash if request is not None else None
@@ -357,10 +358,10 @@ def build_demo(state: AppState) -> gr.Blocks:
                                                                    elem_id="train-examples-btn")
                                     train_zip = gr.File(label="…or a zip (class folders)", file_count="single",
                                                         file_types=[".zip"], height=60, min_width=120)
-                                train_examples_note = gr.Markdown(train_tab.example_note(state.default_spec),
+                                train_examples_note = gr.Markdown(trainset.example_note(state.default_spec),
                                                                   elem_id="train-examples-note")
                             with gr.Column(scale=3, min_width=320):
-                                train_summary = gr.Dataframe(headers=train_tab.SUMMARY_HEADERS, interactive=False,
+                                train_summary = gr.Dataframe(headers=trainset.SUMMARY_HEADERS, interactive=False,
                                                              max_height=170, label="Classes", elem_id="train-summary")
                                 train_thumbs = gr.Gallery(label="One image per class", columns=10, rows=1, height=84,
                                                           allow_preview=False, show_label=False, elem_id="train-thumbs")
@@ -369,13 +370,13 @@ def build_demo(state: AppState) -> gr.Blocks:
                                                        column_count=(2, "fixed"), interactive=True, max_height=260,
                                                        label="Labels")
                             train_folder = gr.Textbox(label="…or a local folder with class subfolders", value="",
-                                                      visible=train_tab.local_paths_allowed())
+                                                      visible=trainset.local_paths_allowed())
                         with gr.Row():
-                            train_method = gr.Dropdown(list(train_tab.TRAIN_METHODS), value="pmpo", label="Method", min_width=100)
-                            train_epochs = gr.Slider(1, train_tab.MAX_EPOCHS, value=train_tab.default_epochs(state.default_spec),
+                            train_method = gr.Dropdown(list(recipe.TRAIN_METHODS), value="pmpo", label="Method", min_width=100)
+                            train_epochs = gr.Slider(1, recipe.MAX_EPOCHS, value=recipe.default_epochs(state.default_spec),
                                                      step=1, label="Epochs (at most)", elem_id="train-epochs")
-                            train_budget = gr.Slider(0, limits.max_seconds or train_tab.MAX_BUDGET_S,
-                                                     value=min(train_tab.DEFAULT_BUDGET_S, limits.max_seconds or train_tab.MAX_BUDGET_S),
+                            train_budget = gr.Slider(0, limits.max_seconds or recipe.MAX_BUDGET_S,
+                                                     value=min(recipe.DEFAULT_BUDGET_S, limits.max_seconds or recipe.MAX_BUDGET_S),
                                                      step=10, elem_id="train-budget",
                                                      label="Time budget, s (0 = " + (f"the limit, {limits.max_seconds:.0f} s)"
                                                                                      if limits.max_seconds else "none)"))
@@ -421,12 +422,12 @@ def build_demo(state: AppState) -> gr.Blocks:
         bb_button.click(load_backbone, backbone_inputs, bb_status, api_name="load_backbone")
         overview_inputs = [train_files, label_table, train_method, train_epochs, train_budget, *backbone_inputs]
         overview_outputs = [train_summary, train_thumbs, train_estimate]
-        train_files.change(train_tab.label_rows, train_files, label_table, api_name=False).then(
+        train_files.change(trainset.label_rows, train_files, label_table, api_name=False).then(
             train_overview, overview_inputs, overview_outputs, api_name=False)
         for control in (label_table, train_method, train_epochs, train_budget):
             control.input(train_overview, overview_inputs, overview_outputs, api_name=False)
         train_examples_btn.click(use_train_examples, backbone_inputs, train_files, api_name=False)
-        bb_model.change(lambda m, p: train_tab.example_note(BackboneSpec.of(m, p)) if (m or "").strip() else "",
+        bb_model.change(lambda m, p: trainset.example_note(BackboneSpec.of(m, p)) if (m or "").strip() else "",
                         backbone_inputs, train_examples_note, api_name=False)
         train_btn.click(train, [train_files, label_table, train_zip, train_folder, train_method, train_epochs, train_budget,
                                 train_name, *backbone_inputs],

@@ -9,7 +9,7 @@ the server process. Elsewhere ``spaces.GPU`` is the function itself.
 So the app draws one boundary, the same in both worlds: a handful of pure compute kernels — an
 image pass (:func:`pmpo.app.features.encode_batch`), a text pass
 (:func:`pmpo.app.state.text_weights`), the cost probe and a training session
-(:func:`pmpo.app.train.train_session`) — take a model and tensors and return CPU tensors. The
+(:func:`pmpo.app.session.train_session`) — take a model and tensors and return CPU tensors. The
 feature store, the sessions, the checkpoints and the page stay in the server process, on the CPU;
 the server's model stays on the CPU too, and a kernel moves *its own copy* to the GPU
 (:func:`kernel_model`). Anything outside the kernels still runs, on the CPU: the boundary decides
