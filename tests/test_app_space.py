@@ -121,8 +121,10 @@ def test_space_limit_stops_a_long_training_with_a_held_out_result(tiny_model, tm
         job = client.submit(train_files=files, zip_file=None, method="pmpo", epochs=50, time_budget=0,
                             api_name="/train")
         status, _, report, checkpoint, _ = job.outputs()[-1] if job.result() is not None else (None,) * 5
-        assert "Stopped at the time budget" in status and "Held-out accuracy" in status, status
-        assert report["budget_s"] == 4 and report["stopped"] and report["heldout"] and Path(checkpoint).is_file()
+        # Stopped there, or fitted to it from the start when the estimate says fewer epochs fit (a busy machine).
+        assert "Held-out accuracy" in status and report["heldout"] and Path(checkpoint).is_file(), status
+        assert report["budget_s"] == 4 and (report["stopped"] or report["epochs"] < 50), report
+        assert ("Stopped at the time budget" in status) == report["stopped"], status
     finally:
         stop(proc)
 
