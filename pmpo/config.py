@@ -33,10 +33,10 @@ COUPLINGS = ("per_prompt", "shared", "per_layer", "independent")
 # pmpo.recipes: ``protocols: {cross_dataset: {text_depth: 3}}`` (MaPLe's cross-dataset depth) and
 # ``datasets: {dtd: {templates: [...]}}`` (KgCoOp's DTD prior).
 PRESET_BLOCKS = ("protocols", "datasets")
-# Preset keys that are neither options nor blocks: ``reference`` (the authors' files) and
-# ``dataset_templates`` (false: the method classifies with its preset's templates on every dataset,
+# Preset keys that are neither options nor blocks: ``reference`` (the authors' files), ``title`` (how
+# tables and the app name the method), ``app`` (offered in the demo's Train tab) and ``dataset_templates`` (false: the method classifies with its preset's templates on every dataset,
 # as VPT's code does, instead of each dataset's own; applied by pmpo.recipes).
-PRESET_META = ("method", "reference", "dataset_templates")
+PRESET_META = ("method", "reference", "title", "app", "dataset_templates")
 # Options added after checkpoints were first written, with the value that reproduces what those
 # older checkpoints computed (pmpo.checkpoint fills them in when a stored config lacks them).
 LEGACY_DEFAULTS = {"frozen_init_tail": False, "prompt_ln_pre": False}
@@ -213,6 +213,20 @@ def list_methods() -> list[str]:
     return sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
 
 
+def method_title(method: str) -> str:
+    """How tables, benchmarks and the app name a method (its preset's ``title``)."""
+    try:
+        return str(read_method_preset(method).get("title") or method)
+    except InputError:
+        return method
+
+
+def app_methods() -> list[str]:
+    """The methods the demo's Train tab offers (``app: true`` in their preset), PMPO first."""
+    offered = [m for m in list_methods() if read_method_preset(m).get("app")]
+    return sorted(offered, key=lambda m: (m != "pmpo", m))
+
+
 def read_method_preset(method: str) -> dict[str, Any]:
     """The whole YAML of a method preset: its options, ``reference`` and the PRESET_BLOCKS."""
     path = METHOD_DIR / f"{method}.yaml"
@@ -257,5 +271,5 @@ def preset_blocks(method: str, data: dict[str, Any] | None = None) -> dict[str, 
     return out
 
 
-__all__ = ["LEGACY_DEFAULTS", "PMPOConfig", "default_alpha", "list_methods", "load_preset", "preset_blocks", "preset_file",
+__all__ = ["LEGACY_DEFAULTS", "PMPOConfig", "app_methods", "default_alpha", "list_methods", "method_title", "load_preset", "preset_blocks", "preset_file",
            "read_method_preset", "template_pool"]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import method_title
 from .errors import InputError, PMPOError
 
 METHODS = ("coop", "maple")
@@ -75,7 +76,6 @@ REPOS: dict[str, ReferenceRepo] = {
 # Their trainer config per method: the yaml their scripts pass, and the trainer module.
 THEIR_CONFIG = {"coop": "configs/trainers/CoOp/vit_b16.yaml",
                 "maple": "configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml"}
-LABELS = {"coop": "CoOp", "maple": "MaPLe"}
 
 
 def _get_it(repo: ReferenceRepo) -> str:
@@ -377,7 +377,7 @@ def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
 
     cases = {"theirs:infer": their_infer, "ours:infer": our_infer, "ours:infer_uncached": our_infer_uncached,
              "theirs:train": their_step, "ours:train": our_step}
-    log(f"{LABELS[method]}: {len(cases)} cases × ({cfg.warmup} warm-up + {cfg.repeats}) rounds, batch {cfg.batch}, "
+    log(f"{method_title(method)}: {len(cases)} cases × ({cfg.warmup} warm-up + {cfg.repeats}) rounds, batch {cfg.batch}, "
         f"{cfg.classes} classes, {precision}")
     timed = interleaved_medians(cases, cfg.repeats, cfg.warmup, device, log)
 
@@ -385,7 +385,7 @@ def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
     their_learnable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     activation = type(backbone.clip.transformer.resblocks[0].mlp.gelu).__name__
     return {
-        "method": method, "label": LABELS[method], "precision": precision, "device": str(device),
+        "method": method, "label": method_title(method), "precision": precision, "device": str(device),
         "their_settings": {f"TRAINER.{node_name}.{k}": v for k, v in node.items()} | {
             "config_file": THEIR_CONFIG[method], "OPTIM": f"{o.NAME} lr {o.LR} momentum {o.MOMENTUM} wd {o.WEIGHT_DECAY}"},
         "our_settings": {"method": method, **our_overrides(cfg, method)},
@@ -431,7 +431,7 @@ def run_method(cfg: ReferenceBenchConfig, method: str, quiet: bool = False, time
     errors = [l for l in (proc.stderr or "").splitlines() if l.startswith("error: ")]
     detail = errors[-1][len("error: "):] if errors else \
         ((proc.stderr or "").strip().splitlines() or ["(see the output above)"])[-1]
-    raise PMPOError(f"the {LABELS[method]} reference run failed (exit {proc.returncode}): {detail}")
+    raise PMPOError(f"the {method_title(method)} reference run failed (exit {proc.returncode}): {detail}")
 
 
 def run_reference_bench(cfg: ReferenceBenchConfig, log: Callable[[str], None] | None = None,
@@ -453,7 +453,7 @@ def run_reference_bench(cfg: ReferenceBenchConfig, log: Callable[[str], None] | 
         "methods": [],
     }
     for method in cfg.methods:
-        log(f"reference {LABELS[method]}: child process with {cfg.checkouts[method]} and {cfg.checkouts['dassl']}")
+        log(f"reference {method_title(method)}: child process with {cfg.checkouts[method]} and {cfg.checkouts['dassl']}")
         result["methods"].append(run_method(cfg, method, quiet=quiet))
     if hasattr(os, "getloadavg"):
         result["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]

@@ -6,15 +6,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pmpo.config import PMPOConfig, list_methods
+from pmpo.config import PMPOConfig, app_methods
 from pmpo.errors import InputError
 
 from . import zerogpu
 from .state import AppState, BackboneSpec, is_offline_model
 from .trainset import HOLDOUT_EVERY
 
-TRAIN_METHODS = tuple(m for m in ("pmpo", "coop", "cocoop", "kgcoop", "vpt", "ivlp", "maple", "promptsrc")
-                      if m in list_methods())
+TRAIN_METHODS = tuple(app_methods())  # the presets with `app: true`
 MAX_EPOCHS = 50
 OFFLINE_EPOCHS = 20
 # The ShapeWorld benchmark's val-chosen lr (0.056 at batch 32, docs/SHAPEWORLD.md) scaled linearly to
