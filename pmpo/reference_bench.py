@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import json
 import os
 import subprocess
 import sys
@@ -28,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .children import child_main, run_child
 from .config import method_title
-from .errors import InputError, PMPOError
+from .errors import InputError
 
 METHODS = ("coop", "maple")
 PRECISIONS = ("auto", "fp32", "fp16")
-RESULT_MARK = "PMPO_REFERENCE_RESULT "
 # Packages their imports need beyond ours (Dassl imports all of them when ``dassl.engine`` loads).
 EXTRA_PACKAGES = ("yacs", "gdown", "tabulate", "tensorboard", "wilds", "ftfy", "regex")
 
@@ -402,36 +401,13 @@ def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
     }
 
 
-def _child_main(payload_json: str) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # their torch.cuda.amp imports, as `pmpo` does
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        result = child_run(json.loads(payload_json), log)
-    except PMPOError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(RESULT_MARK + json.dumps(result), flush=True)
-    return 0
-
-
 # --- the parent -------------------------------------------------------------------------------------
 
 def run_method(cfg: ReferenceBenchConfig, method: str, quiet: bool = False, timeout: float | None = None
                ) -> dict[str, Any]:
     """One reference method in a fresh interpreter (their ``clip``/``trainers`` packages clash)."""
-    payload = json.dumps({"cfg": dataclasses.asdict(cfg), "method": method})
-    proc = subprocess.run([sys.executable, "-m", "pmpo.reference_bench", "--child", payload],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE if quiet else None, text=True,
-                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    lines = [l[len(RESULT_MARK):] for l in proc.stdout.splitlines() if l.startswith(RESULT_MARK)]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    errors = [l for l in (proc.stderr or "").splitlines() if l.startswith("error: ")]
-    detail = errors[-1][len("error: "):] if errors else \
-        ((proc.stderr or "").strip().splitlines() or ["(see the output above)"])[-1]
-    raise PMPOError(f"the {method_title(method)} reference run failed (exit {proc.returncode}): {detail}")
+    return run_child("pmpo.reference_bench", {"cfg": dataclasses.asdict(cfg), "method": method},
+                     f"the {method_title(method)} reference run", quiet, timeout)
 
 
 def run_reference_bench(cfg: ReferenceBenchConfig, log: Callable[[str], None] | None = None,
@@ -502,6 +478,6 @@ def format_reference_markdown(result: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        sys.exit(_child_main(sys.argv[2]))
+        sys.exit(child_main(child_run, sys.argv[2]))
     print("usage: pmpo bench --reference ... (this module's own entry point is internal)", file=sys.stderr)
     sys.exit(2)

@@ -18,21 +18,17 @@ interpreter (``pmpo.verify_child``) with its reference checkout and its Dassl on
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .children import run_child
 from .errors import InputError, PMPOError
 from .reference_bench import EXTRA_PACKAGES, REPOS, checkout_commit, validate_checkout
 
-RESULT_MARK = "PMPO_VERIFY_RESULT "
 TINY = "tiny"
 # Their MaPLe and KgCoOp hard-code ViT-B/16's widths (text 512, vision 768), so the tiny model keeps
 # them and saves on everything else: 32-pixel images (4 patches), 4 layers per tower.
@@ -294,17 +290,8 @@ def summarize(method: str, steps: list[dict[str, Any]], final_update: float) -> 
 
 def run_method(cfg: VerifyConfig, method: str, quiet: bool = False, timeout: float | None = None) -> dict[str, Any]:
     """One method in a fresh interpreter (their ``clip``/``trainers``/``dassl`` packages clash)."""
-    payload = json.dumps({"cfg": dataclasses.asdict(cfg), "method": method})
-    proc = subprocess.run([sys.executable, "-m", "pmpo.verify_child", "--child", payload],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE if quiet else None, text=True,
-                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    lines = [l[len(RESULT_MARK):] for l in proc.stdout.splitlines() if l.startswith(RESULT_MARK)]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    errors = [l for l in (proc.stderr or "").splitlines() if l.startswith("error: ")]
-    detail = errors[-1][len("error: "):] if errors else \
-        ((proc.stderr or "").strip().splitlines() or ["(see the output above)"])[-1]
-    raise PMPOError(f"the {SPECS[method].label} verification failed (exit {proc.returncode}): {detail}")
+    return run_child("pmpo.verify_child", {"cfg": dataclasses.asdict(cfg), "method": method},
+                     f"the {SPECS[method].label} verification", quiet, timeout)
 
 
 def check_packages() -> None:

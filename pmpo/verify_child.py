@@ -25,7 +25,6 @@ import ast
 import contextlib
 import importlib
 import inspect
-import json
 import re
 import sys
 import tempfile
@@ -35,8 +34,9 @@ from typing import Any, Callable
 
 from .errors import InputError, PMPOError
 from .reference_bench import _check_sizes
+from .children import child_main
 from .verify import (
-    EXTRA_PACKAGES, RESULT_MARK, SPECS, MethodSpec, Sizes, VerifyConfig, child_paths, our_model_overrides,
+    EXTRA_PACKAGES, SPECS, MethodSpec, Sizes, VerifyConfig, child_paths, our_model_overrides,
     our_train_overrides, summarize, tensor_diff, their_opts, update_rel_diff,
 )
 
@@ -350,23 +350,8 @@ def _their_summary(their_cfg, spec: MethodSpec) -> dict[str, Any]:
             f"TRAINER.{spec.node}": {k: (list(v) if isinstance(v, tuple) else v) for k, v in node.items()}}
 
 
-def _child_main(payload_json: str) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # their torch.cuda.amp imports
-    warnings.filterwarnings("ignore", category=UserWarning)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        result = child_run(json.loads(payload_json), log)
-    except PMPOError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(RESULT_MARK + json.dumps(result), flush=True)
-    return 0
-
-
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        sys.exit(_child_main(sys.argv[2]))
+        sys.exit(child_main(child_run, sys.argv[2], (FutureWarning, UserWarning)))
     print("usage: pmpo verify --reference DIR (this module's own entry point is internal)", file=sys.stderr)
     sys.exit(2)
