@@ -620,7 +620,7 @@ def run_backbone(key: str, opts: argparse.Namespace, work: Path, into: list | No
     started = time.perf_counter()
     rows: list[dict[str, Any]] = res["rows"]
     try:
-        from pmpo.app.state import EXAMPLE_CLASSES as classes
+        from pmpo.app.examples import EXAMPLE_CLASSES as classes
     except ImportError:
         classes = ["red circle", "red triangle", "blue circle", "blue triangle",
                    "green hexagon", "green diamond", "yellow hexagon", "yellow diamond"]

@@ -14,10 +14,12 @@ from PIL import Image
 
 from pmpo.app import attention, benchmarks, classify, embeddings, inputs
 from pmpo.app.features import image_digest, preprocess
+from pmpo.app import examples as app_examples
 from pmpo.app import state as app_state
 from pmpo.app import recipe, session, trainset
 from pmpo.app import train as train_tab
-from pmpo.app.state import UNTRAINED, AppState, BackboneSpec, LRU, example_images, label_from_filename, open_state
+from pmpo.app.examples import example_images, label_from_filename
+from pmpo.app.state import UNTRAINED, AppState, BackboneSpec, LRU, open_state
 from pmpo import PMPOConfig, build_model, save_checkpoint
 from pmpo.errors import CheckpointError, InputError
 
@@ -129,7 +131,7 @@ def test_bad_checkpoints_get_clear_errors(state, tmp_path, wide_model):
         state.add_checkpoint_file(fake)
     wide = build_model(PMPOConfig(method="pmpo", model=wide_model, pretrained="none"))
     other = tmp_path / "wide.safetensors"
-    wide.save(str(other))
+    save_checkpoint(wide, other)
     before = state.checkpoint_choices("visitor")
     with pytest.raises(CheckpointError, match="does not fit") as err:
         state.add_checkpoint_file(other, name="my-wide.safetensors", session="visitor", spec=state.default_spec)
@@ -291,7 +293,7 @@ def test_every_new_method_runs_in_every_tab(state, pictures, tmp_path, method):
     assert (scores.per_prompt is None) == (method == "vpt")
     maps = attention.attention_maps(state, entry, images[0], CLASSES, TEMPLATES)
     assert maps.classname in CLASSES
-    emb = embeddings.embed(state, entry, images, pictures[:2], ["a", "b"], app_state.EXAMPLE_CLASSES[:3], TEMPLATES, "PCA")
+    emb = embeddings.embed(state, entry, images, pictures[:2], ["a", "b"], app_examples.EXAMPLE_CLASSES[:3], TEMPLATES, "PCA")
     assert np.isfinite(emb.frame[["x", "y"]].to_numpy()).all()
 
 
@@ -370,7 +372,7 @@ def test_embedding_points_and_labels(state, pictures, method="PCA"):
     paths = pictures[:4]
     images = [Image.open(p).convert("RGB") for p in paths]
     names = [Path(p).name for p in paths]
-    classes = app_state.EXAMPLE_CLASSES[:5]
+    classes = app_examples.EXAMPLE_CLASSES[:5]
     emb = embeddings.embed(state, entry, images, paths, names, classes, TEMPLATES, method)
     n = entry.model.prompts.n_prompts
     assert len(emb.frame) == 2 * len(paths) + len(classes) * (n + 1)
@@ -490,7 +492,7 @@ def test_holdout_keeps_one_in_four_per_class_and_never_a_lone_image(tmp_path):
 
 
 def test_example_training_set_is_labelled_by_file_name(tmp_path):
-    from pmpo.app.state import EXAMPLE_TRAIN_PER_CLASS, TRAIN_EXAMPLE_CLASSES, example_training_images
+    from pmpo.app.examples import EXAMPLE_TRAIN_PER_CLASS, TRAIN_EXAMPLE_CLASSES, example_training_images
 
     paths = example_training_images(tmp_path)
     assert len(paths) == len(TRAIN_EXAMPLE_CLASSES) * EXAMPLE_TRAIN_PER_CLASS and all(Path(p).is_file() for p in paths)
@@ -654,7 +656,7 @@ def test_offline_model_classifies_examples(tmp_path):
     st = open_state(app_state.OFFLINE_MODEL, None, device="cpu", cache_dir=tmp_path)
     paths = example_images(tmp_path / "examples")
     images = [Image.open(p).convert("RGB") for p in paths]
-    scores = classify.score(st, st.model(), images, [Path(p).name for p in paths], app_state.EXAMPLE_CLASSES, TEMPLATES)
+    scores = classify.score(st, st.model(), images, [Path(p).name for p in paths], app_examples.EXAMPLE_CLASSES, TEMPLATES)
     correct = {v: sum(int(scores.probs[v][i].argmax()) == i for i in range(len(paths))) for v in classify.VIEWS}
     assert correct["learned"] >= correct["zero-shot CLIP"] + 3, correct
 
@@ -670,11 +672,11 @@ def test_offline_app_starts_with_shipped_learned_prompts(tmp_path):
     entry = st.model()
     assert entry.model.cfg.method == "pmpo" and "held-out test accuracy" in " ".join(entry.notices)
     assert not any("another CLIP" in n for n in entry.notices)  # trained on this very backbone
-    paths = app_state.example_training_images(tmp_path / "examples")
+    paths = app_examples.example_training_images(tmp_path / "examples")
     images = [Image.open(p).convert("RGB") for p in paths]
-    labels = torch.tensor([app_state.TRAIN_EXAMPLE_CLASSES.index(label_from_filename(p, app_state.TRAIN_EXAMPLE_CLASSES))
+    labels = torch.tensor([app_examples.TRAIN_EXAMPLE_CLASSES.index(label_from_filename(p, app_examples.TRAIN_EXAMPLE_CLASSES))
                            for p in paths])
-    scores = classify.score(st, entry, images, [Path(p).name for p in paths], app_state.TRAIN_EXAMPLE_CLASSES, TEMPLATES)
+    scores = classify.score(st, entry, images, [Path(p).name for p in paths], app_examples.TRAIN_EXAMPLE_CLASSES, TEMPLATES)
     accuracy = {v: 100 * float((scores.probs[v].argmax(-1) == labels).float().mean()) for v in classify.VIEWS}
     assert accuracy["learned"] >= accuracy["zero-shot CLIP"] + 40, accuracy
 
@@ -702,11 +704,11 @@ def test_example_training_set_trains_to_a_visible_held_out_gain(tmp_path):
     assert epochs == recipe.OFFLINE_EPOCHS
     assert recipe.train_config(epochs, 48, random_crop=False).min_crop_scale == 1.0
     assert recipe.train_config(epochs, 48).min_crop_scale < 1.0  # other backbones keep CoOp's crop
-    items, names = trainset.items_from_table(app_state.example_training_images(tmp_path / "examples"), None)
+    items, names = trainset.items_from_table(app_examples.example_training_images(tmp_path / "examples"), None)
     final = list(train_tab.run_training(st, st.default_spec, "pmpo", epochs, items, names, threading.Event(),
                                         poll_s=0.2))[-1]
     assert final.done and not final.error, final.status
-    assert final.heldout["n"] == len(names) * app_state.EXAMPLE_TRAIN_PER_CLASS // trainset.HOLDOUT_EVERY
+    assert final.heldout["n"] == len(names) * app_examples.EXAMPLE_TRAIN_PER_CLASS // trainset.HOLDOUT_EVERY
     # unseeded, as a visitor's run: seven runs gained +21.9 to +68.8 points (train.default_epochs)
     assert final.heldout["trained"] >= final.heldout["zero_shot"] + 15, final.heldout
 
@@ -729,7 +731,7 @@ def test_attention_tab_scores_examples_against_their_masks(tmp_path):
     from PIL import Image
 
     from pmpo.app.attention import AttentionMaps, truth_table
-    from pmpo.app.state import example_images, example_masks
+    from pmpo.app.examples import example_images, example_masks
 
     path = example_images(tmp_path)[0]
     image = Image.open(path)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pmpo import PMPOConfig, build_model, load_backbone, save_checkpoint
+from pmpo.app import examples as app_examples
 from pmpo.app import state as app_state
 from pmpo.app.launcher import launch, stop
 from pmpo.app.train import TrainLimits, TrainJobs
@@ -56,7 +57,7 @@ def _classify_status(client, folder: Path) -> str:
     """The status line of one Classify: it names the prompt checkpoint and method in use."""
     from gradio_client import handle_file
 
-    example = app_state.example_images(folder)[0]
+    example = app_examples.example_images(folder)[0]
     status, *_ = client.predict(files=[handle_file(example)], classes_text="red circle, blue circle",
                                 api_name="/classify")
     return status
@@ -161,7 +162,7 @@ def test_every_endpoint_answers_garbage_with_a_reason_and_keeps_serving(tiny_mod
                     continue
                 status = out[0] if isinstance(out, (list, tuple)) else out
                 assert "Internal error" not in str(status), (name, kind, status)
-        example = app_state.example_images(tmp_path / "examples")[0]
+        example = app_examples.example_images(tmp_path / "examples")[0]
         status, *_ = client.predict(files=[handle_file(example)], classes_text="red circle, blue circle", api_name="/classify")
         assert status.startswith("**1 image(s)"), status  # still serving
         server_log = (tmp_path / "app.log").read_text()
@@ -213,7 +214,7 @@ def test_zerogpu_runs_the_kernels_in_forked_workers_with_the_same_answers(tiny_m
     from pmpo.app.launcher import ROOT
     from pmpo.app.trainset import FASHION_PER_CLASS
 
-    examples = [handle_file(p) for p in app_state.example_images(tmp_path / "examples")[:3]]
+    examples = [handle_file(p) for p in app_examples.example_images(tmp_path / "examples")[:3]]
     ask = dict(files=examples, classes_text="red circle, blue square, green triangle", api_name="/classify")
     base = {"PMPO_WARMUP": "0", "PMPO_ALLOWED_BACKBONES": tiny_model}
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pmpo.app.fashion import (FASHION_CLASSES, FASHION_CREDIT, FASHION_DIR, FASHION_PER_CLASS, fashion_available,
                               fashion_images)
-from pmpo.app.state import label_from_filename
+from pmpo.app.examples import label_from_filename
 from pmpo.app.trainset import guess_label
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,7 +19,8 @@ from PIL import Image
 
 from pmpo.errors import InputError
 
-from .state import AppState, LoadedModel, label_from_filename
+from .examples import label_from_filename
+from .state import AppState, LoadedModel
 
 METHODS = ("UMAP", "PCA", "t-SNE")
 MAX_EMBED_CLASSES = 200

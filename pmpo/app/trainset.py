@@ -184,7 +184,7 @@ def example_set_for(spec: BackboneSpec, folder: str | Path) -> list[str]:
     """The example training images that can show a gain on ``spec``: ShapeWorld's swapped-name
     task on the offline model; real Fashion-MNIST photos on a real CLIP (which already reads shapes)."""
     from .fashion import fashion_available, fashion_images
-    from .state import example_training_images
+    from .examples import example_training_images
 
     if is_offline_model(spec.model) or not fashion_available():
         return example_training_images(folder)
@@ -193,7 +193,7 @@ def example_set_for(spec: BackboneSpec, folder: str | Path) -> list[str]:
 
 def example_note(spec: BackboneSpec) -> str:
     from .fashion import FASHION_CLASSES, FASHION_CREDIT, fashion_available
-    from .state import EXAMPLE_TRAIN_PER_CLASS, TRAIN_EXAMPLE_CLASSES
+    from .examples import EXAMPLE_TRAIN_PER_CLASS, TRAIN_EXAMPLE_CLASSES
 
     if is_offline_model(spec.model) or not fashion_available():
         return (f"*Example set: ShapeWorld, {len(TRAIN_EXAMPLE_CLASSES)} classes × {EXAMPLE_TRAIN_PER_CLASS}: shapes whose "

@@ -12,7 +12,8 @@ import gradio as gr
 from .inputs import display_name, file_path
 from .page import PageContext, guarded, notices_md, session_of
 from .refusals import Page
-from .state import EXAMPLE_CLASSES, UNTRAINED, AppState, BackboneSpec, example_images
+from .examples import EXAMPLE_CLASSES, example_images
+from .state import UNTRAINED, AppState, BackboneSpec
 from .tabs import attention, benchmarks, classify, embeddings, train
 
 TITLE = "PMPO — multi-prompt, depth-partitioned prompt learning for CLIP"

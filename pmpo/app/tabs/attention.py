@@ -10,7 +10,7 @@ from pmpo.errors import PMPOError
 from .. import attention as attention_tab
 from ..inputs import as_list, display_name, file_path, load_images, parse_classes
 from ..page import PageContext, guarded, notices_md
-from ..state import EXAMPLE_CLASSES, example_masks
+from ..examples import EXAMPLE_CLASSES, example_masks
 
 TITLE = "Per-depth attention"
 
