@@ -11,10 +11,9 @@ import logging
 import os
 import socket
 import warnings
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import torch
@@ -158,8 +157,9 @@ def load_backbone(
         kwargs["pretrained"] = pretrained
 
     try:
-        hub = bool(kwargs.get("pretrained")) and not _looks_like_path(kwargs["pretrained"])
-        with warnings.catch_warnings(), (_hub_offline_unless_reachable() if hub else nullcontext()):
+        if kwargs.get("pretrained") and not _looks_like_path(kwargs["pretrained"]) and _hub_offline():
+            kwargs.update(_cached_tag_weights(model, kwargs["pretrained"], cache_dir))
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="QuickGELU mismatch")
             clip, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
         tokenizer = open_clip.get_tokenizer(model)
@@ -192,22 +192,59 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-@contextmanager
-def _hub_offline_unless_reachable() -> Iterator[None]:
-    """Without a network, huggingface_hub retries for about a minute before giving up.
-
-    When the hub cannot be reached we switch it to offline mode for this call only: a cached copy
-    still loads, a missing one fails in seconds with a message we can turn into advice.
-    """
+def _hub_offline() -> bool:
+    """Whether to load hub weights from the local cache only: the user said so (``HF_HUB_OFFLINE``)
+    or the hub cannot be reached, where huggingface_hub would retry for about a minute first."""
     from huggingface_hub import constants
 
-    previous = constants.HF_HUB_OFFLINE
-    if not previous and not hub_reachable():
-        constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
+    return bool(constants.HF_HUB_OFFLINE) or not hub_reachable()
+
+
+def cached_tag_file(model: str, tag: str, cache_dir: str | None = None) -> str | None:
+    """The file open_clip would load for ``model`` + hub ``tag``, if it is already on this machine.
+
+    Looked up the way open_clip downloads it (the Hugging Face copy, its ``.safetensors`` variant
+    first, else the direct URL's file in ``~/.cache/clip``) but without any network request:
+    ``None`` when it is not cached.
+    """
+    import open_clip.pretrained as ocp
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = ocp.get_pretrained_cfg(model, tag)
+    if cfg.get("hf_hub") and ocp.has_hf_hub():
+        repo_id, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or ocp.HF_WEIGHTS_NAME
+        for name in (*ocp._get_safe_alternatives(filename), filename):
+            found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+            if isinstance(found, str):
+                return found
+        return None
+    if cfg.get("url"):
+        local = Path(cache_dir or Path("~/.cache/clip").expanduser()) / os.path.basename(cfg["url"])
+        return str(local) if local.is_file() else None
+    return None
+
+
+def _cached_tag_weights(model: str, tag: str, cache_dir: str | None) -> dict[str, Any]:
+    """open_clip options that load hub ``tag`` from its cached file, with the tag's preprocessing.
+
+    Offline, the tag's file is resolved here and handed to open_clip as a file, rather than
+    switching huggingface_hub to offline mode (a process-wide flag other threads would see, e.g.
+    the app's). A tag that is not cached fails at once with advice instead of a minute of retries.
+    """
+    import open_clip.pretrained as ocp
+    from open_clip.transform import merge_preprocess_dict
+
+    path = cached_tag_file(model, tag, cache_dir)
+    if path is None:
+        raise BackboneLoadError(
+            f"could not load {model} + {tag}: its weights are not in the local cache and the Hugging Face "
+            f"hub cannot be reached. {_offline_hint()}"
+        )
+    # What open_clip takes from a tag besides its file: mean/std, interpolation, resize mode.
+    preprocess = merge_preprocess_dict({}, ocp.get_pretrained_cfg(model, tag))
+    preprocess.pop("size", None)  # the model's own image size wins, as on the tag path
+    return {"pretrained": path, "force_preprocess_cfg": preprocess}
 
 
 def _preprocess_numbers(clip: nn.Module, preprocess: Any) -> tuple[int, tuple, tuple]:

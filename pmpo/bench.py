@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone, load_backbone
-from .config import PMPOConfig, list_methods
+from .config import PMPOConfig, list_methods, method_title
+from .device import resolve_device
 from .errors import InputError, PMPOError
 from .model import PMPOModel, build_model
 
@@ -306,8 +307,6 @@ def memory_step(cfg: BenchConfig, grad_checkpointing: bool, method: str = "pmpo"
     CPU: the rise of the process's peak RSS over its RSS just before the step (model loaded,
     batch built). GPU: ``max_memory_allocated`` over ``memory_allocated`` before the step.
     """
-    from .commands.common import resolve_device
-
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(cfg.model, cfg.pretrained, device=device)
@@ -526,11 +525,11 @@ def _image_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log:
     labels_of = {"floor": "open_clip encode_image (floor)"}
     for method in cfg.infer_methods:
         how = "per-image class weights" if PMPOConfig(method=method).uses_meta_net else "cached class weights"
-        labels_of[f"infer:{method}"] = f"{method_label(method)} inference, {how}"
+        labels_of[f"infer:{method}"] = f"{method_title(method)} inference, {how}"
     for method in cfg.train_methods:
-        labels_of[f"train:{method}"] = f"{method_label(method)} training step (fwd+bwd+SGD)"
-        labels_of[f"part_image:{method}"] = f"{method_label(method)} part: prompted image pass, fwd + input-grad bwd"
-        labels_of[f"part_text:{method}"] = f"{method_label(method)} part: N·C truncated text sequences, fwd + bwd"
+        labels_of[f"train:{method}"] = f"{method_title(method)} training step (fwd+bwd+SGD)"
+        labels_of[f"part_image:{method}"] = f"{method_title(method)} part: prompted image pass, fwd + input-grad bwd"
+        labels_of[f"part_text:{method}"] = f"{method_title(method)} part: N·C truncated text sequences, fwd + bwd"
     floor_s = timed["floor"]["median_s"]
     for method in cfg.train_methods:
         if f"part_text:{method}" in timed:
@@ -586,11 +585,6 @@ def _infer_case(model: PMPOModel, images: torch.Tensor, names: list[str], device
             model(images, names)
 
     return infer
-
-
-def method_label(method: str) -> str:
-    return {"pmpo": "PMPO", "coop": "CoOp", "cocoop": "CoCoOp", "maple": "MaPLe", "kgcoop": "KgCoOp", "vpt": "VPT",
-            "ivlp": "IVLP", "promptsrc": "PromptSRC"}.get(method, method)
 
 
 def _text_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log: Callable[[str], None]
@@ -682,8 +676,6 @@ def _scaling_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, lo
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> BenchResult:
     """Everything in one process and one backbone; memory in fresh subprocesses."""
-    from .commands.common import resolve_device
-
     log = log or (lambda _msg: None)
     device = resolve_device(cfg.device)
     cfg = cfg.resolved(device)
@@ -712,7 +704,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Ben
                 f"text grad checkpointing {'on' if ckpt else 'off'} (subprocess)")
             result.memory.append(measure_memory(cfg, ckpt))
         for method in cfg.memory_infer_methods:
-            log(f"memory: one {method_label(method)} inference batch, C = {cfg.memory_classes}, batch {cfg.memory_batch} "
+            log(f"memory: one {method_title(method)} inference batch, C = {cfg.memory_classes}, batch {cfg.memory_batch} "
                 "(subprocess)")
             result.memory.append(measure_memory(cfg, False, method=method, infer=True))
     if hasattr(os, "getloadavg"):
@@ -755,7 +747,7 @@ def format_markdown(result: BenchResult | dict[str, Any]) -> str:
         lines += ["", "| training step vs its minimal parts | parts: image + text (ms) | step (ms) | parts / step |",
                   "|---|---:|---:|---:|"]
         for method, p in parts.items():
-            lines.append(f"| {method_label(method)} | {p['parts_ms']:.0f} | {p['step_ms']:.0f} | {p['parts_vs_step']:.2f} |")
+            lines.append(f"| {method_title(method)} | {p['parts_ms']:.0f} | {p['step_ms']:.0f} | {p['parts_vs_step']:.2f} |")
         lines += ["", "Parts / step near 1: the step does little beyond the prompted image pass with input gradients "
                       "and the N·C text sequences forward + backward, each timed alone in the same rounds."]
     if r["text"]:
@@ -790,7 +782,7 @@ def format_markdown(result: BenchResult | dict[str, Any]) -> str:
             peak = _gib(mem["peak_bytes"]) if ok else f"failed: {mem['error']}"
             each = _gib(mem["peak_bytes"] / mem["batch"]) if ok else "—"
             step = f"{mem['step_s']:.2f}" if "step_s" in mem else "—"
-            lines.append(f"| {method_label(mem['method'])} | {mem['classes']} | {mem['batch']} | {peak} | {each} | {step} |")
+            lines.append(f"| {method_title(mem['method'])} | {mem['classes']} | {mem['batch']} | {peak} | {each} | {step} |")
     if r["memory"]:
         measure = next((mem["measure"] for mem in r["memory"] if "measure" in mem), None)
         if measure:

@@ -69,11 +69,6 @@ class TensorCache:
                 _, evicted = self._data.popitem(last=False)
                 self._bytes -= self._size(evicted)
 
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return self._bytes
-
     def __len__(self) -> int:
         with self._lock:
             return len(self._data)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .device import resolve_device
 from .errors import InputError
 
 
@@ -49,7 +50,7 @@ def init_from_env(device: str | torch.device = "auto") -> torch.device:
     NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``), gloo on CPU. Called once per process
     by the commands that train or evaluate; a single process returns the requested device.
     """
-    want = torch.device("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else torch.device(device)
+    want = resolve_device(device)
     if not launched_by_torchrun():
         return want
     if not dist.is_available():

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -235,7 +234,3 @@ class VisionEncoder(nn.Module):
         if getattr(visual, "final_ln_after_pool", False):
             tokens = visual.ln_post(tokens)  # _pool normalised only the pooled token
         return tokens @ visual.proj if visual.proj is not None else tokens
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)

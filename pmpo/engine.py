@@ -8,7 +8,9 @@ ConstantWarmupScheduler wrapped around CosineAnnealingLR(T_max=epochs) produces.
 
 Reproducibility is built from one idea: **everything random in epoch e is a function of
 (seed, e)** — the data order comes from a generator seeded with (seed, e) and each image's
-augmentation from a seed derived from (seed, e, image index). Hence
+augmentation from a generator seeded with (seed, e, image index). The engine draws only from
+generators of its own, never from (or reseeding) torch's, numpy's or Python's global one, which
+the process's other threads -- the app's -- share. Hence
 
 * a run resumed from the checkpoint of epoch e (optimizer state included) replays epochs
   e+1.. bit for bit, so a killed run ends where an uninterrupted one does;
@@ -29,14 +31,13 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as pdist
+from .checkpoint import save_checkpoint
 from .config import CONFIG_DIR
 from .data.datasets import Datum
 from .data.loader import ImageDataset, load_image
@@ -230,15 +232,29 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Inside: torch's global CPU generator seeded with ``seed``; after: as it was before.
+
+    For what cannot take a generator -- ``nn.init`` filling a new model's prompts -- so that an
+    initialisation is reproducible without leaving the caller's (or another thread's) global
+    random state reseeded. Parameters are created on the CPU, so the CPU generator is the one.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator: its per-iterator base seed is drawn from it instead of from
+    torch's global generator, which the engine never touches."""
+    return torch.Generator().manual_seed(seed)
 
 
 class _AugmentedDataset(Dataset):
-    """Items keyed by ``(index, seed)``: each image's augmentation uses its own seed, so it does
-    not depend on which process or worker loads it, nor on what was loaded before."""
+    """Items keyed by ``(index, seed)``: each image's augmentation draws from a generator seeded
+    with its own seed, so it does not depend on which process or worker loads it, nor on what was
+    loaded before, and leaves the global random state alone."""
 
     def __init__(self, items: Sequence[Datum], transform: Callable):
         self.items = list(items)
@@ -251,9 +267,11 @@ class _AugmentedDataset(Dataset):
         index, seed = key
         item = self.items[index]
         image = load_image(item.path)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            tensor = self.transform(image)
+        if getattr(self.transform, "takes_generator", False):  # pmpo's train transform (data.transforms.Augment)
+            tensor = self.transform(image, generator=torch.Generator().manual_seed(seed))
+        else:  # any other transform draws from the global generator: seed it for this call only
+            with seeded_init(seed):
+                tensor = self.transform(image)
         return tensor, item.label
 
 
@@ -491,7 +509,8 @@ def cached_image_features(model: PMPOModel, items: Sequence[Datum], cfg: TrainCo
     dataset = _AugmentedDataset(items, model.train_transform(cfg.min_crop_scale))
     keys = [(i, derive_seed(cfg.seed, -2, v, i)) for v in range(views) for i in range(n)]
     loader = DataLoader(dataset, batch_sampler=[keys[k:k + cfg.eval_batch_size] for k in range(0, len(keys), cfg.eval_batch_size)],
-                        num_workers=_workers(cfg.num_workers), pin_memory=model.device.type == "cuda")
+                        num_workers=_workers(cfg.num_workers), pin_memory=model.device.type == "cuda",
+                        generator=_loader_generator(derive_seed(cfg.seed, -2, -1)))
     out, done = [], 0
     was_training = model.training
     model.eval()
@@ -574,12 +593,11 @@ def train(
         lr = lr_at(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        seed_everything(derive_seed(cfg.seed, epoch, -1))
         steps = plan_epoch(len(items), cfg, epoch, dinfo.rank, dinfo.world_size)
         if features is None:
             batches = iter(DataLoader(
                 dataset, batch_sampler=[mb for s in steps for mb in s.micro], num_workers=_workers(cfg.num_workers),
-                pin_memory=device.type == "cuda",
+                pin_memory=device.type == "cuda", generator=_loader_generator(derive_seed(cfg.seed, epoch, -1)),
             ))
         else:  # one cached view per image, drawn by the image's sample seed of this epoch
             batches = iter([(features[torch.tensor([seed % cfg.cached_views for _, seed in mb]), torch.tensor([i for i, _ in mb])],
@@ -657,7 +675,7 @@ def train(
         if out is not None and dinfo.is_main:
             _write_jsonl(out / METRICS, step_rows + [row])
             save_train_state(state_path, model, optimizer, epoch + 1, global_step, cfg, fingerprint, history, aggregate)
-            model.save(str(ckpt_path), epoch=str(epoch + 1), train_config=json.dumps(cfg.to_dict()))
+            save_checkpoint(model, ckpt_path, epoch=str(epoch + 1), train_config=json.dumps(cfg.to_dict()))
         pdist.barrier()
     model.eval()
     wall = time.perf_counter() - t_start
@@ -709,7 +727,8 @@ def evaluate(
         weights = model.class_weights(names, templates)
     if shard:
         loader = DataLoader(ImageDataset(shard, model.eval_transform()), batch_size=batch_size,
-                            num_workers=_workers(num_workers), pin_memory=device.type == "cuda")
+                            num_workers=_workers(num_workers), pin_memory=device.type == "cuda",
+                            generator=_loader_generator(0))  # nothing random: only keeps the global generator untouched
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with _autocast(device, precision):

@@ -4,7 +4,7 @@ and YAML reading with one-line errors."""
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,28 +15,43 @@ from .errors import InputError
 if TYPE_CHECKING:
     import torch
 
-# Read once at import (os.umask can only be read by setting it, which is not thread-safe later).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
+def create_temp_beside(path: str | os.PathLike) -> tuple[int, str]:
+    """A new, empty temp file in ``path``'s folder, open for writing: ``(fd, name)``.
 
-def give_normal_mode(path: str | os.PathLike) -> None:
-    """``mkstemp`` creates files readable by their owner only (0600); a result or a checkpoint
-    should get the mode any other file the user writes gets (0666 minus the umask)."""
-    os.chmod(path, 0o666 & ~_UMASK)
+    A result or a checkpoint should get the mode any other file the user writes gets (0666 minus
+    the umask), not ``mkstemp``'s owner-only 0600. Creating it with mode 0666 lets the kernel
+    apply the umask of the moment, so nothing ever has to read the umask -- which Python can
+    only do by setting it, a process-wide change that races with other threads (and which this
+    module used to do at import). ``O_EXCL`` with a random name makes it as safe as ``mkstemp``.
+    """
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        name = str(path.parent / f"{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name beside {path}")
 
 
 def atomic_save_safetensors(tensors: dict[str, "torch.Tensor"], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves a half file."""
+    """Write to a temp file in the same folder, then rename: a crash never leaves a half file.
+
+    The bytes are serialised in memory and written into :func:`create_temp_beside`'s file
+    (``save_file`` would replace it with a 0600 file of its own); prompt checkpoints and training
+    states are kilobytes to a few megabytes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    data = save(tensors, metadata=metadata)
+    fd, tmp = create_temp_beside(path)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        give_normal_mode(tmp)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -463,11 +463,6 @@ class PMPOModel(nn.Module):
         self.train(was_training)
         return torch.cat(out)
 
-    def save(self, path: str, **metadata: str) -> None:
-        from .checkpoint import save_checkpoint
-
-        save_checkpoint(self, path, **metadata)
-
 
 def _against(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Cosine logits [B, C] of features [B, D] against shared weights [C, D] or per-image ones [B, C, D]."""

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ import torch
 from . import __version__
 from . import distributed as pdist
 from .backbone import Backbone
+from .checkpoint import save_checkpoint
 from .config import PMPOConfig
 from .data import (
     BENCHMARK_DATASETS,
@@ -41,9 +41,9 @@ from .data import (
     sample_few_shot,
     subsample_classes,
 )
-from .engine import LAST_CHECKPOINT, TrainConfig, derive_seed, evaluate, seed_everything, train
+from .engine import LAST_CHECKPOINT, TrainConfig, derive_seed, evaluate, seeded_init, train
 from .errors import InputError
-from .io import give_normal_mode
+from .io import create_temp_beside
 from .model import PMPOModel, build_model
 
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization")
@@ -85,11 +85,10 @@ def git_commit() -> str | None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = create_temp_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)
-        give_normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -167,8 +166,8 @@ def run_protocol(
     targets = list(targets) if targets else default_targets(protocol, dataset)
     target_splits = [build_dataset(t, target_root or root) for t in targets]  # fail early on a missing target
 
-    seed_everything(derive_seed(seed, -2))  # prompt initialisation (couplings) is random too
-    model = build_model(model_cfg, device=device, backbone=backbone)
+    with seeded_init(derive_seed(seed, -2)):  # prompt initialisation (couplings) is random too
+        model = build_model(model_cfg, device=device, backbone=backbone)
     say(f"{protocol} {dataset} {model.cfg.method} shots={k or 'all'} seed={seed}: "
         f"{len(source.train)} training images, {len(source.classnames)} classes, {model.num_learnable():,} learnable")
 
@@ -181,7 +180,7 @@ def run_protocol(
             return None
         history, train_time, train_ips = result.history, result.wall_time_s, result.images_per_s
     elif dinfo.is_main:
-        model.save(str(out / LAST_CHECKPOINT))  # zero-shot: the config alone, so `pmpo eval` can use it
+        save_checkpoint(model, out / LAST_CHECKPOINT)  # zero-shot: the config alone, so `pmpo eval` can use it
 
     bs, nw = train_cfg.eval_batch_size, train_cfg.num_workers
     accuracy: dict[str, float | None] = {"base": None, "new": None, "hm": None, "all": None}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pmpo import PMPOConfig, build_model, load_backbone
+from pmpo import PMPOConfig, build_model, load_backbone, save_checkpoint
 from pmpo.cli import main as cli_main
 from pmpo.data import shapeworld as sw
 
@@ -187,7 +187,7 @@ def test_prompt_words_reads_init_phrase_back(backbone, tiny_model, tmp_path):
     from pmpo.analysis import prompt_words
 
     ckpt = tmp_path / "prompts.safetensors"
-    make(backbone, n_prompts=2, n_ctx=4).save(str(ckpt))
+    save_checkpoint(make(backbone, n_prompts=2, n_ctx=4), ckpt)
     out = tmp_path / "words"
     code = prompt_words.main(["--checkpoint", str(ckpt), "--device", "cpu", "--out", str(out), "--top-k", "3"])
     assert code == 0
@@ -273,7 +273,7 @@ def test_embedding_clusters_silhouette_is_sklearns(backbone, tiny_model, image_r
 
     model = make(backbone)
     ckpt = tmp_path / "pmpo.safetensors"
-    model.save(str(ckpt))  # the command must see these (randomly initialised) couplings
+    save_checkpoint(model, ckpt)  # the command must see these (randomly initialised) couplings
     out = tmp_path / "clusters"
     code = cli_main(["analyze", "embedding_clusters", "--checkpoint", str(ckpt), "--device", "cpu", "--out", str(out),
                      "--dataset", "imagefolder", "--root", str(image_root), "--per-class", "4", "--projection", "pca"])

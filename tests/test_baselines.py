@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmpo import PMPOConfig, build_model, load_backbone, load_checkpoint
+from pmpo import PMPOConfig, build_model, load_backbone, load_checkpoint, save_checkpoint
 from pmpo.engine import TrainConfig, gpa_weights, train
 from pmpo.errors import InputError
 from pmpo.prompts import PromptLearner
@@ -250,7 +250,7 @@ def test_save_load_identical_logits(backbone, tmp_path, method):
     model = make(backbone, method).eval()
     _perturb(model)
     path = tmp_path / f"{method}.safetensors"
-    model.save(str(path))
+    save_checkpoint(model, path)
     loaded = load_checkpoint(path, backbone=backbone).eval()
     x = images(2)
     with torch.no_grad():

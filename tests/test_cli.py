@@ -141,17 +141,28 @@ def test_results_get_the_users_file_mode(tmp_path):
     from pmpo.io import atomic_save_safetensors
     from pmpo.protocols import write_json_atomic
 
-    old = os.umask(0o022)
-    try:
-        import pmpo.io
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):  # the umask when written counts
+        old = os.umask(umask)
+        try:
+            write_json_atomic(tmp_path / "result.json", {"a": 1})
+            atomic_save_safetensors({"x": torch.zeros(2)}, tmp_path / "prompts.safetensors", {})
+        finally:
+            os.umask(old)
+        for name in ("result.json", "prompts.safetensors"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == mode, (name, oct(umask))  # mkstemp alone gives 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.safetensors", "result.json"]  # no temp files left
 
-        pmpo.io._UMASK = 0o022
-        write_json_atomic(tmp_path / "result.json", {"a": 1})
-        atomic_save_safetensors({"x": torch.zeros(2)}, tmp_path / "prompts.safetensors", {})
-    finally:
-        os.umask(old)
-    for name in ("result.json", "prompts.safetensors"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name  # mkstemp alone gives 0600
+
+def test_importing_pmpo_changes_no_process_state():
+    """Importing the library (and the analysis figures) sets no umask, matplotlib backend or
+    environment variable: a host application's settings stay its own."""
+    code = ("import os, sys; os.umask(0o027); import matplotlib; before = (dict(os.environ), matplotlib.rcParams['backend'])\n"
+            "import pmpo.io, pmpo.engine, pmpo.backbone, pmpo.analysis.style, pmpo.app.state\n"
+            "assert (dict(os.environ), matplotlib.rcParams['backend']) == before, 'changed'\n"
+            "assert os.umask(0o022) == 0o027\nprint('OK')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "MPLBACKEND": "TkAgg"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr
 
 
 def test_app_command_forwards_every_option_to_the_app(capsys):

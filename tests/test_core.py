@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from pmpo import PMPOConfig, build_model, list_methods, load_backbone, load_checkpoint
+from pmpo import PMPOConfig, build_model, list_methods, load_backbone, load_checkpoint, save_checkpoint
 from pmpo.attention import block_with_attention
 from pmpo.errors import BackboneLoadError, CheckpointError, InputError
 from pmpo.prompts import resolve_partition
@@ -255,7 +256,7 @@ def test_save_load_identical_logits(backbone, tmp_path, method):
     model = make(backbone, method).eval()
     torch.nn.init.normal_(model.prompts.ctx, std=0.5)  # not the init: the checkpoint must carry it
     path = tmp_path / "p.safetensors"
-    model.save(str(path), note="test")
+    save_checkpoint(model, path, note="test")
     loaded = load_checkpoint(path).eval()
     x = images(2)
     with torch.no_grad():
@@ -268,7 +269,7 @@ def test_save_load_identical_logits(backbone, tmp_path, method):
 def test_checkpoint_holds_only_learnable_tensors(backbone, tmp_path):
     model = make(backbone, "pmpo")
     path = tmp_path / "p.safetensors"
-    model.save(str(path))
+    save_checkpoint(model, path)
     with safe_open(str(path), framework="pt") as fh:
         keys = set(fh.keys())
         meta = fh.metadata()
@@ -287,7 +288,7 @@ def test_checkpoint_holds_only_learnable_tensors(backbone, tmp_path):
 def test_checkpoint_on_other_width_fails_clearly(backbone, tmp_path, wide_model):
     model = make(backbone, "pmpo")
     path = tmp_path / "p.safetensors"
-    model.save(str(path))
+    save_checkpoint(model, path)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path, model=wide_model)
     msg = str(err.value)
@@ -343,6 +344,39 @@ def test_hub_tag_without_network_fails_fast(monkeypatch, tmp_path):
         load_backbone("ViT-B-16-quickgelu", "openai")
     assert time.monotonic() - start < 30
     assert "local-dir:" in str(err.value) and "--pretrained" in str(err.value)
+
+
+def test_hub_tag_without_network_loads_the_cached_file_without_flipping_offline_mode(monkeypatch, tmp_path):
+    """Offline, a cached tag loads from its file: huggingface_hub's process-wide offline flag and the
+    environment stay as they were (other threads, e.g. the app's, share them)."""
+    import open_clip
+    from huggingface_hub import constants
+
+    from pmpo import backbone as bb
+
+    snapshot = tmp_path / "models--timm--vit_base_patch16_clip_224.openai" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"not really weights")
+    assert bb.cached_tag_file("ViT-B-16-quickgelu", "openai", str(tmp_path)) == str(snapshot / "open_clip_model.safetensors")
+    assert bb.cached_tag_file("ViT-B-16-quickgelu", "laion400m_e32", str(tmp_path)) is None
+
+    seen = {}
+
+    def fake_create(model, **kwargs):
+        seen.update(kwargs, offline=constants.HF_HUB_OFFLINE, env=dict(os.environ))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bb, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", fake_create)
+    offline, env = constants.HF_HUB_OFFLINE, dict(os.environ)
+    with pytest.raises(BackboneLoadError, match="stop here"):
+        load_backbone("ViT-B-16-quickgelu", "openai", cache_dir=str(tmp_path))
+    assert seen["pretrained"] == str(snapshot / "open_clip_model.safetensors")
+    assert seen["force_preprocess_cfg"]["interpolation"] == "bicubic"  # the tag's preprocessing still applies
+    assert seen["offline"] == offline and seen["env"] == env
+    assert constants.HF_HUB_OFFLINE == offline and dict(os.environ) == env
 
 
 def test_openai_weights_get_quick_gelu():

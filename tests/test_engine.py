@@ -307,3 +307,20 @@ def test_bad_inputs_are_clear_errors(backbone, colours):
         train(make(backbone, "zeroshot"), colours.train, colours.classnames, fast_cfg())
     with pytest.raises(InputError, match="bf16 needs a CUDA"):
         train(model, colours.train, colours.classnames, fast_cfg(precision="bf16"))
+
+
+def test_training_leaves_the_global_random_state_alone(backbone, colours):
+    """The engine draws from generators of its own (data order, augmentations, loader seeds): a
+    run neither reseeds nor advances torch's, numpy's or Python's global generator, which the
+    app's other threads share -- and a reseeded global generator could not change the run."""
+    import numpy as np
+
+    model = make(backbone, "coop")
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    train(model, colours.train, colours.classnames, fast_cfg(epochs=2))
+    evaluate(model, colours.test, colours.classnames)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1] and (np.random.get_state()[1] == before[2]).all()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from pmpo import PMPOConfig, build_model, load_backbone, load_checkpoint
+from pmpo import PMPOConfig, build_model, load_backbone, load_checkpoint, save_checkpoint
 from pmpo.cli import main
 from pmpo.commands.recipe import recipe_table
 from pmpo.errors import InputError
@@ -170,7 +170,7 @@ def test_layer0_visual_prompts_pass_ln_pre_like_mapLe(backbone):
 def test_checkpoints_from_before_the_options_keep_their_maths(backbone, tmp_path):
     model = make(backbone, "maple")
     path = tmp_path / "old.safetensors"
-    model.save(str(path))
+    save_checkpoint(model, path)
     with safe_open(str(path), framework="pt") as fh:
         meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
     cfg = json.loads(meta["config"])

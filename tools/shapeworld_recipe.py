@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from pmpo.commands.sweep import MethodSpec, Sweep, load_sweep  # noqa: E402
 from pmpo.config import PMPOConfig  # noqa: E402
 from pmpo.data import build_dataset, harmonic_mean, sample_few_shot, subsample_classes  # noqa: E402
-from pmpo.engine import derive_seed, evaluate, load_train_preset, seed_everything, train  # noqa: E402
+from pmpo.engine import derive_seed, evaluate, load_train_preset, seeded_init, train  # noqa: E402
 from pmpo.data import shapeworld as sw  # noqa: E402
 from pmpo.errors import PMPOError  # noqa: E402
 from pmpo.model import build_model  # noqa: E402
@@ -84,8 +84,8 @@ def score_recipes(sweep: Sweep, candidates: Sequence[dict], seed: int, methods: 
         train_cfg = load_train_preset(spec.method, sweep.protocol, dataset,
                                       **{**sweep.train, **spec.train, **candidate})
         train_cfg = dataclasses.replace(train_cfg, seed=seed)
-        seed_everything(derive_seed(seed, -2))  # as run_protocol: the same prompt initialisation
-        model = build_model(cfg, device=device, backbone=backbone)
+        with seeded_init(derive_seed(seed, -2)):  # as run_protocol: the same prompt initialisation
+            model = build_model(cfg, device=device, backbone=backbone)
         ctx0 = model.prompts.ctx.detach().clone() if model.prompts is not None and model.prompts.ctx is not None else None
         start = time.perf_counter()
         train(model, base.train, base.classnames, train_cfg)

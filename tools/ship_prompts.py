@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pmpo.backbone import load_backbone  # noqa: E402
-from pmpo.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
+from pmpo.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
 from pmpo.commands.sweep import load_sweep, sweep_recipe  # noqa: E402
 from pmpo.data import shapeworld as sw  # noqa: E402
 from pmpo.protocols import read_finished, run_dir, run_protocol  # noqa: E402
@@ -93,8 +93,8 @@ def ship(results: dict[str, dict]) -> dict[str, Path]:
         # name the backbone as the sweep does (the bare "shipped model" name), not by this machine's path
         model.cfg = dataclasses.replace(model.cfg, model=sweep.model)
         path = SHIP_DIR / f"{name}.safetensors"
-        model.save(
-            str(path),
+        save_checkpoint(
+            model, path,
             epoch=old.get("epoch", ""), train_config=old.get("train_config", ""),
             provenance=f"seed-{SEED} '{name}' run of the ShapeWorld benchmark ({SWEEP}), shipped by {COMMAND}",
             sweep=SWEEP, sweep_train=json.dumps({**sweep.train, **next(m.train for m in sweep.methods if m.name == name)}),

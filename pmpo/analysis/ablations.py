@@ -134,7 +134,7 @@ def variants(sweep: Sweep) -> list[Variant]:
 def run_sweep(sweep: Sweep, out: str | Path, log=print) -> list[Path]:
     """Run every (variant, seed) without a result yet; returns the result files of the sweep."""
     from pmpo.backbone import load_backbone
-    from pmpo.commands.common import resolve_device
+    from pmpo.device import resolve_device
     from pmpo.engine import load_train_preset
     from pmpo.protocols import RESULT_FILE, read_finished, run_protocol
 

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from pmpo.commands.common import add_model_args, load_model_from_args, parse_classes
+from pmpo.options import add_model_args, load_model_from_args, parse_classes
 from pmpo.data import Datum, build_dataset, load_image
 from pmpo.errors import InputError, PMPOError
 

@@ -53,7 +53,7 @@ def plot(panels: Sequence[tuple[str, np.ndarray, float]], labels: np.ndarray, cl
          method: str, out: Path) -> list[Path]:
     fig, axes = style.figure("column", aspect=0.56, ncols=len(panels), squeeze=False)
     n_classes = len(classnames)
-    cmap = style.plt.get_cmap("tab10" if n_classes <= 10 else "tab20" if n_classes <= 20 else "turbo")
+    cmap = style.colormap("tab10" if n_classes <= 10 else "tab20" if n_classes <= 20 else "turbo")
     colours = [cmap(i / max(1, n_classes - 1)) if n_classes > 20 else cmap(i) for i in range(n_classes)]
     for ax, (title, xy, score) in zip(axes[0], panels):
         for c in range(n_classes):

@@ -4,6 +4,11 @@ A figure made at its printed size needs no rescaling, so fonts stay readable: a 
 figure is ``COLUMN_WIDTH`` (3.3 in) wide with 7-8 pt text, a full-width one ``PAGE_WIDTH``.
 Colours are the Okabe-Ito palette (distinguishable with the common colour-vision deficiencies);
 depth segment ``i`` has the same colour in every figure, and the manual prior is always black.
+
+Figures are :class:`matplotlib.figure.Figure` objects on an Agg canvas, made without pyplot: they
+render to files on a machine without a display, yet importing this module selects no backend
+(``matplotlib.use`` would change the whole process's, e.g. a notebook's or a host app's), and no
+figure is ever registered with pyplot, so none needs closing.
 """
 
 from __future__ import annotations
@@ -14,11 +19,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap
+from matplotlib.figure import Figure
 
 COLUMN_WIDTH = 3.3  # inches: one column of a two-column paper (CVPR/ICCV/NeurIPS-like)
 PAGE_WIDTH = 6.9  # inches: full text width
@@ -27,9 +30,7 @@ DPI = 200  # PNG resolution: crisp in docs and slides, a few hundred kB at most
 # Okabe-Ito, without black (reserved for the manual prior / reference lines).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#999999")
 PRIOR_COLOUR = "#000000"
-ZERO_SHOT_COLOUR = "#777777"
 HEATMAP_CMAP = "inferno"
-DIVERGING_CMAP = "RdBu_r"
 
 RC = {
     "font.size": 7,
@@ -60,8 +61,14 @@ RC = {
 
 
 def apply() -> None:
-    """Install the style globally (every analysis module calls this before drawing)."""
-    plt.rcParams.update(RC)
+    """Install the style in matplotlib's rcParams (:func:`figure` calls this before each figure:
+    artists read their fonts and line widths from rcParams when they are made)."""
+    matplotlib.rcParams.update(RC)
+
+
+def colormap(name: str) -> Colormap:
+    """A registered colormap by name, without going through pyplot."""
+    return matplotlib.colormaps[name]
 
 
 def segment_colour(i: int) -> str:
@@ -75,20 +82,19 @@ def figure(width: str | float = "column", aspect: float = 0.75, nrows: int = 1, 
     inches = {"column": COLUMN_WIDTH, "page": PAGE_WIDTH}.get(width, width) if isinstance(width, str) else width
     if not isinstance(inches, (int, float)):
         raise ValueError(f"width must be 'column', 'page' or inches, got {width!r}")
-    fig, axes = plt.subplots(nrows, ncols, figsize=(inches, inches * aspect), **kwargs)
+    fig = Figure(figsize=(inches, inches * aspect))
+    FigureCanvasAgg(fig)  # draws headless; PDF output switches canvas per file as usual
+    axes = fig.subplots(nrows, ncols, **kwargs)
     return fig, axes
 
 
 def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
-    """Write ``name``.png and ``name``.pdf into ``out_dir``; closes the figure."""
+    """Write ``name``.png and ``name``.pdf into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    try:
-        fig.savefig(paths[0], dpi=DPI)
-        fig.savefig(paths[1])
-    finally:
-        plt.close(fig)
+    fig.savefig(paths[0], dpi=DPI)
+    fig.savefig(paths[1])
     return paths
 
 
@@ -111,12 +117,6 @@ def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.6g}"
     return "" if v is None else v
-
-
-def grid_shape(n: int, max_cols: int = 4) -> tuple[int, int]:
-    """Rows and columns for ``n`` small panels."""
-    cols = min(n, max_cols)
-    return math.ceil(n / cols), cols
 
 
 def short_label(text: str, width: int = 18) -> str:

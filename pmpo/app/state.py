@@ -36,6 +36,7 @@ import torch
 from pmpo.backbone import LOCAL_DIR, OFFLINE_MODEL, Backbone, load_backbone, resolve_model_name
 from pmpo.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
 from pmpo.config import PMPOConfig
+from pmpo.engine import seeded_init
 from pmpo.errors import BackboneLoadError, CheckpointError, InputError, PMPOError
 from pmpo.cache import TensorCache
 from pmpo.model import ClassWeights, PMPOModel, build_model, clean_classnames
@@ -399,8 +400,7 @@ class AppState:
         notices = []
         if path is None:
             cfg = PMPOConfig(method="pmpo", model=backbone.model_name, pretrained=backbone.pretrained or "none")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # the same "untrained" prompts in every session and run
+            with seeded_init(0):  # the same "untrained" prompts in every session and run
                 model = build_model(cfg, device=self.device, backbone=backbone)
             notices.append(
                 "The learned prompts are an **untrained PMPO initialisation** (contexts from "

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from pmpo.checkpoint import save_checkpoint
 from pmpo.config import PMPOConfig
 from pmpo.data.datasets import Datum
+from pmpo.engine import seeded_init
 from pmpo.errors import InputError, PMPOError
 from pmpo.model import build_model
 
@@ -180,12 +181,9 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
     items, held = split_holdout(items)
     backbone = state.backbone(spec)
     offline = is_offline_model(backbone.model_name)
-    import torch
-
     cfg_model = PMPOConfig(method=method, model=backbone.model_name, pretrained=backbone.pretrained or "none")
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the same initial prompts for the same request
+        with seeded_init(seed):  # the same initial prompts for the same request
             model = build_model(cfg_model, device=state.device, backbone=backbone)
     except PMPOError as exc:
         raise InputError(f"{method} does not fit {spec.label}: {exc}") from exc

@@ -13,7 +13,6 @@ image decoding (and its error handling) lives in :mod:`pmpo.data.loader`.
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import random
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from pmpo.data.types import DEFAULT_TEMPLATE, DatasetSplits, Datum
 from pmpo.errors import DatasetError
 
 COOP_DATASETS_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
@@ -29,41 +29,8 @@ COOP_DATASETS_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 # File endings treated as images when a loader lists a folder (compared lower-cased).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
-# The template used for custom data, and the generic CLIP one used for all ImageNet sets.
-DEFAULT_TEMPLATE = "a photo of a {}."
-
 # Fractions of the deterministic per-class split used when custom data has no split of its own.
 CUSTOM_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
-
-
-@dataclass(frozen=True)
-class Datum:
-    """One labelled image: an absolute path, its class id and the (cleaned) class name."""
-
-    path: str
-    label: int
-    classname: str
-
-
-@dataclass
-class DatasetSplits:
-    """A dataset ready for few-shot sampling: three lists of :class:`Datum` plus class names.
-
-    ``classnames[i]`` is the name of label ``i``; ``templates`` holds the dataset's hand-crafted
-    prompt template(s) (CoOp's ``CUSTOM_TEMPLATES``), used by zero-shot CLIP and for text
-    initialisation. Test-only datasets (the ImageNet variants) have empty train and val lists.
-    """
-
-    name: str
-    classnames: list[str]
-    train: list[Datum]
-    val: list[Datum]
-    test: list[Datum]
-    templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classnames)
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,21 +604,14 @@ def _build_csv(csv_path: Path) -> DatasetSplits:
 
 
 # --------------------------------------------------------------------------------------------
-# ShapeWorld lives in its own module; look it up only when asked for
+# ShapeWorld: rendered by its own module, imported only when asked for (it pulls in numpy/PIL drawing)
 # --------------------------------------------------------------------------------------------
 
 
 def _build_shapeworld(root: Path) -> DatasetSplits:
-    try:
-        shapeworld = importlib.import_module("pmpo.data.shapeworld")
-    except ModuleNotFoundError as e:
-        if e.name != "pmpo.data.shapeworld":
-            raise
-        raise DatasetError("shapeworld: this installation has no pmpo.data.shapeworld module.") from e
-    builder = getattr(shapeworld, "build_shapeworld_splits", None)
-    if builder is None:
-        raise DatasetError("shapeworld: pmpo.data.shapeworld has no build_shapeworld_splits(root).")
-    return builder(root)
+    from .shapeworld import build_shapeworld_splits
+
+    return build_shapeworld_splits(root)
 
 
 def _build_shapeworld_sketch(root: Path) -> DatasetSplits:

@@ -43,6 +43,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pmpo.data.types import DatasetSplits, Datum
+
 __all__ = [
     "SHAPES", "COLOURS", "COLOUR_RGB", "SIZES", "FILLS", "POSITIONS", "STYLES",
     "IMAGE_SIZE", "ObjectAttrs", "Render", "Sample", "SceneMasks", "render", "render_scene", "sample_objects",
@@ -649,14 +651,12 @@ def build_shapeworld_splits(root: str | Path, style: str = "downstream", n_train
                             n_val_per_class: int = 4, n_test_per_class: int = 25, seed: int = 0,
                             size: int = IMAGE_SIZE):
     """Render the 64-class colour x shape task to PNGs under ``root/shapeworld/<style>/`` and
-    return a ``pmpo.data.datasets.DatasetSplits``.
+    return a :class:`pmpo.data.types.DatasetSplits`.
 
     Files: ``<split>/<label:02d>_<colour>_<shape>/<index:04d>.png`` and a ``manifest.json``
     recording the parameters; a second call with the same parameters re-uses the files.
     Each split draws from its own rng ``(seed, split, style)``.
     """
-    from pmpo.data.datasets import DatasetSplits, Datum  # written in parallel; import lazily
-
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}")
     counts = {"train": int(n_train_per_class), "val": int(n_val_per_class), "test": int(n_test_per_class)}
