@@ -7,9 +7,18 @@ modules (config, errors) start without importing torch.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+# The UI, the analyses and the shipped models are ``pmpo.app``, ``pmpo.analysis`` and
+# ``pmpo.checkpoints``. In the source tree (a checkout, a Space, which never installs the package)
+# they sit beside this folder, where the project's layout puts them; a built wheel has them inside it
+# (setuptools' package-dir mapping, pyproject.toml). Only this package's own search path is extended.
+_SOURCE_TREE = Path(__file__).resolve().parent.parent
+if not (Path(__file__).resolve().parent / "app").is_dir() and (_SOURCE_TREE / "app" / "__init__.py").is_file():
+    __path__.append(str(_SOURCE_TREE))  # noqa: F821 (a package's __path__)
 
 _EXPORTS = {
     "Backbone": ".backbone",

@@ -7,6 +7,8 @@ code path the tests exercise is the one users run.
 
 from __future__ import annotations
 
+import importlib
+
 import logging
 import os
 import socket
@@ -26,10 +28,12 @@ log = logging.getLogger(__name__)
 LOCAL_DIR = "local-dir:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 RANDOM_INIT = ("", "none", "random")  # ``pretrained`` values meaning "no weights" (tests, benchmarks)
-# Where the shipped offline model lives (see pmpo/checkpoints/shapeworld-clip/MODEL_CARD.md): inside
+# Where the shipped offline model lives (see checkpoints/shapeworld-clip/MODEL_CARD.md): inside
 # the package, so a wheel installed anywhere has it. Shipped models are also addressed by their bare
 # name (``shapeworld-clip``), which sweep files use so that they run from any directory.
-SHIPPED_MODELS = Path(__file__).resolve().parent / "checkpoints"
+# The shipped models' folder, wherever ``pmpo.checkpoints`` resolves (beside the package in the
+# source tree, inside it in a wheel: pmpo/__init__.py).
+SHIPPED_MODELS = Path(importlib.import_module("pmpo.checkpoints").__path__[0])
 OFFLINE_MODEL_NAME = "shapeworld-clip"
 OFFLINE_MODEL = LOCAL_DIR + str(SHIPPED_MODELS / OFFLINE_MODEL_NAME)
 

@@ -649,7 +649,7 @@ def test_benchmarks_show_reference_and_own_results(tmp_path):
 
 # --- the offline model, when this copy has it ------------------------------------------------------
 
-@pytest.mark.skipif(not app_state.offline_model_present(), reason="pmpo/checkpoints/shapeworld-clip is not in this copy yet")
+@pytest.mark.skipif(not app_state.offline_model_present(), reason="checkpoints/shapeworld-clip is not in this copy yet")
 def test_offline_model_classifies_examples(tmp_path):
     """The Classify examples on the offline model: zero-shot CLIP reads the swapped names wrong, the
     shipped prompts (the default) read them (measured: 2 -> 7 of 8)."""
@@ -661,7 +661,7 @@ def test_offline_model_classifies_examples(tmp_path):
     assert correct["learned"] >= correct["zero-shot CLIP"] + 3, correct
 
 
-@pytest.mark.skipif(not app_state.offline_model_present(), reason="pmpo/checkpoints/shapeworld-clip is not in this copy yet")
+@pytest.mark.skipif(not app_state.offline_model_present(), reason="checkpoints/shapeworld-clip is not in this copy yet")
 def test_offline_app_starts_with_shipped_learned_prompts(tmp_path):
     """The first Classify click shows learned prompts: the shipped PMPO checkpoint is the default,
     its provenance is on the page, and on the swapped-name example task it beats zero-shot CLIP
@@ -693,7 +693,7 @@ def test_start_with_only_a_checkpoint_uses_its_backbone(tiny_model, tmp_path, st
     assert st.model().model.cfg.method == "coop" and not any("not loaded" in n for n in st.notices)
 
 
-@pytest.mark.skipif(not app_state.offline_model_present(), reason="pmpo/checkpoints/shapeworld-clip is not in this copy yet")
+@pytest.mark.skipif(not app_state.offline_model_present(), reason="checkpoints/shapeworld-clip is not in this copy yet")
 def test_example_training_set_trains_to_a_visible_held_out_gain(tmp_path):
     """What a visitor sees on the Train tab with the example images and the slider's default
     epochs: trained prompts beat zero-shot CLIP on the held-out images by a visible margin, and

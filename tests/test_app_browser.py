@@ -184,7 +184,7 @@ def served_offline(tmp_path_factory):
     from pmpo.app.state import offline_model_present
 
     if not offline_model_present():
-        pytest.skip("pmpo/checkpoints/shapeworld-clip is not in this copy")
+        pytest.skip("checkpoints/shapeworld-clip is not in this copy")
     cache = tmp_path_factory.mktemp("browser-offline")
     proc, url, _ = launch(["--model", "shapeworld-clip", "--device", "cpu"], cache / "app.log",
                           env={"PMPO_WARMUP": "0", "PMPO_CACHE_DIR": str(cache)})

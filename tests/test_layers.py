@@ -15,20 +15,26 @@ from pathlib import Path
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pmpo"
+# Folders beside the library that install inside it (pyproject.toml's package-dir mapping).
+MAPPED = {"app": "pmpo.app", "analysis": "pmpo.analysis", "checkpoints": "pmpo.checkpoints"}
 
 CLI = ("pmpo.cli", "pmpo.commands")
 UPPER = ("pmpo.app", "pmpo.analysis", "pmpo.commands")
 NOT_CORE = (*UPPER, "pmpo.cli", "pmpo.__main__")
 
 
-def module_names(root: Path = PACKAGE) -> dict[str, Path]:
-    """Dotted name -> file for every module of the package (``pkg/__init__.py`` is ``pkg``)."""
+def module_names(root: Path = PACKAGE, mapped: dict[str, str] | None = None) -> dict[str, Path]:
+    """Dotted name -> file for every module of the package (``pkg/__init__.py`` is ``pkg``), the
+    folders ``mapped`` beside it (``app/`` is ``pmpo.app``) included."""
+    mapped = MAPPED if mapped is None and root == PACKAGE else (mapped or {})
+    trees = [(root, root.name)] + [(root.parent / folder, dotted) for folder, dotted in mapped.items()]
     names = {}
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root.parent).with_suffix("").parts
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        names[".".join(parts)] = path
+    for tree, prefix in trees:
+        for path in sorted(tree.rglob("*.py")):
+            parts = (*prefix.split("."), *path.relative_to(tree).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            names[".".join(parts)] = path
     return names
 
 

@@ -51,7 +51,7 @@ def test_wheel_carries_presets_model_app_and_analysis_and_nothing_top_level(whee
     for needed in ("pmpo/configs/methods/pmpo.yaml", "pmpo/configs/sweeps/tiny.yaml", "pmpo/configs/train/base2new.yaml",
                    "pmpo/checkpoints/shapeworld-clip/open_clip_config.json",
                    "pmpo/checkpoints/shapeworld-clip/open_clip_model.safetensors",
-                   "pmpo/app/ui.py", "pmpo/app/main.py", "pmpo/analysis/tables.py"):
+                   "pmpo/app/ui.py", "pmpo/app/main.py", "pmpo/app/tabs/train.py", "pmpo/analysis/tables.py"):
         assert needed in names, needed
     top = {n.split("/")[0] for n in names if not n.startswith("pmpo-")}
     assert top == {"pmpo"}, top  # no importable 'app', 'analysis' or 'tests' to collide with a user's
@@ -98,14 +98,16 @@ def test_space_upload_is_what_the_space_runs_and_nothing_else(tmp_path):
         (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / junk).write_text("x")
     for real in ("app.py", "README.md", "requirements.txt", "pmpo/__init__.py", "pmpo/configs/methods/pmpo.yaml",
-                 "pmpo/checkpoints/shapeworld-clip/open_clip_model.safetensors"):
+                 "checkpoints/shapeworld-clip/open_clip_model.safetensors", "app/__init__.py", "app/tabs/train.py",
+                 "analysis/tables.py", "app/examples/fashion_mnist/a.png"):
         (tmp_path / real).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / real).write_text("x")
     files = deploy.space_files(tmp_path)
-    assert files == sorted(["README.md", "app.py", "pmpo/__init__.py", "pmpo/checkpoints/shapeworld-clip/open_clip_model.safetensors",
-                            "pmpo/configs/methods/pmpo.yaml", "requirements.txt"])
+    assert files == sorted(["README.md", "app.py", "pmpo/__init__.py", "checkpoints/shapeworld-clip/open_clip_model.safetensors",
+                            "pmpo/configs/methods/pmpo.yaml", "requirements.txt", "app/__init__.py", "app/tabs/train.py",
+                            "analysis/tables.py", "app/examples/fashion_mnist/a.png"])
     real = deploy.space_files()  # this checkout
-    assert "app.py" in real and "pmpo/checkpoints/shapeworld-clip/open_clip_model.safetensors" in real
+    assert "app.py" in real and "checkpoints/shapeworld-clip/open_clip_model.safetensors" in real
     assert not [f for f in real if f.startswith(("runs/", "data/", ".venv/", "tests/")) or "__pycache__" in f]
     assert "*.safetensors filter=lfs" in deploy.SPACE_GITATTRIBUTES and "*.png filter=lfs" in deploy.SPACE_GITATTRIBUTES
     runtime = (REPO / "requirements.txt").read_text()
@@ -154,3 +156,53 @@ def test_space_deploy_sets_the_hardware_and_the_owners_limits(monkeypatch):
     assert kinds == ["create_repo", "variable", "commit", "hardware"], calls
     assert ("variable", "PMPO_MAX_TRAIN_SECONDS", "300") in calls and ("hardware", "cpu-upgrade") in calls
     assert calls[2][1] == len(deploy.space_files()) + 1  # every Space file and the .gitattributes
+
+
+def test_a_space_runs_from_the_uploaded_files_alone(tmp_path):
+    """What the deploy tool uploads, copied into a fresh folder and started as a Space starts it
+    (`python app.py`, the package never installed): it serves, and what it serves comes from the
+    copy — the library, the app beside it and the offline model in checkpoints/."""
+    import importlib.util
+    import shutil
+    import time
+    from urllib.request import urlopen
+
+    from gradio_client import Client, handle_file
+
+    from pmpo.app.examples import example_images
+    from pmpo.app.launcher import free_port
+
+    spec = importlib.util.spec_from_file_location("deploy_space", REPO / "tools" / "deploy_space.py")
+    deploy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy)
+    space = tmp_path / "space"
+    for name in deploy.space_files():
+        (space / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, space / name)
+    ui = space / "app" / "ui.py"
+    ui.write_text(ui.read_text().replace('TITLE = "PMPO — ', 'TITLE = "PMPO (uploaded copy) — '))
+    (space / "checkpoints" / "shapeworld-clip" / "prompts" / "maple.safetensors").unlink()  # the copy's own models
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPACE_ID")}
+    env.update(PMPO_WARMUP="0", PMPO_CACHE_DIR=str(tmp_path / "cache"), GRADIO_ANALYTICS_ENABLED="False")
+    log = open(tmp_path / "space.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", "shapeworld-clip", "--port", str(port)], cwd=space,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, (tmp_path / "space.log").read_text()
+            try:
+                with urlopen(url + "config", timeout=2) as response:
+                    config = response.read().decode()
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert "PMPO (uploaded copy)" in config  # the page is the copy's
+        assert "shipped: pmpo" in config and "shipped: coop" in config and "shipped: maple" not in config
+        status, *_ = Client(url, verbose=False).predict(files=[handle_file(example_images(tmp_path / "ex")[0])],
+                                                        classes_text="red circle, blue circle", api_name="/classify")
+        assert status.startswith("**1 image(s)"), status
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

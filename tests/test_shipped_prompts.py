@@ -1,4 +1,4 @@
-"""The prompt checkpoints shipped beside the offline model (pmpo/checkpoints/shapeworld-clip/prompts/,
+"""The prompt checkpoints shipped beside the offline model (checkpoints/shapeworld-clip/prompts/,
 written by tools/ship_prompts.py): they load as ordinary pmpo prompt checkpoints on the offline
 backbone, record where they came from, still fit the model and the benchmark recipe they claim, and
 have learned: on fresh ShapeWorld images each beats zero-shot by a clear margin."""
@@ -24,7 +24,7 @@ SWEEP = "pmpo/configs/sweeps/shapeworld.yaml"
 REGENERATE = "rerun `python tools/ship_prompts.py`"
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "open_clip_config.json").is_file(),
-                                reason="the offline model folder pmpo/checkpoints/shapeworld-clip is absent")
+                                reason="the offline model folder checkpoints/shapeworld-clip is absent")
 
 
 @pytest.fixture(scope="module")

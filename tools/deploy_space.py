@@ -14,7 +14,7 @@ with the app's own rules, so a typo fails before anything is uploaded.
 One commit through ``huggingface_hub`` (already installed with open_clip): the Hub stores the
 offline model (17.6 MB) and any large or binary file through LFS/Xet itself, which a plain
 ``git push`` of this repository would not (the Hub refuses binary blobs over 10 MB). Only what the
-Space runs is uploaded: ``app.py``, the ``pmpo`` package (with its presets and offline model), the
+Space runs is uploaded: ``app.py``, the ``pmpo`` library (with its presets), ``app/``, ``analysis/``, ``checkpoints/`` (the offline model), the
 runtime ``requirements.txt`` and the README; never runs, data, virtual environments, tests or
 caches. The Space gets its own ``.gitattributes`` (``SPACE_GITATTRIBUTES``) marking model files and
 images for LFS, so a later ``git clone`` of the Space works too.
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ALLOW = ["app.py", "README.md", "requirements.txt", "LICENSE", "pmpo/**"]
+ALLOW = ["app.py", "README.md", "requirements.txt", "LICENSE", "pmpo/**", "app/**", "analysis/**", "checkpoints/**"]
 IGNORE = ["**/__pycache__/**", "**/*.pyc", "**/.DS_Store", "**/*.tmp"]
 SPACE_GITATTRIBUTES = """\
 *.safetensors filter=lfs diff=lfs merge=lfs -text
@@ -47,7 +47,7 @@ def space_files(root: Path = ROOT) -> list[str]:
     return list(filter_repo_objects(paths, allow_patterns=ALLOW, ignore_patterns=IGNORE))
 
 
-# Option → the Space variable the app reads (pmpo/app/main.py, pmpo/app/train.py TrainLimits).
+# Option → the Space variable the app reads (app/main.py, app/train.py TrainLimits).
 VARIABLES = {"max_train_seconds": "PMPO_MAX_TRAIN_SECONDS", "max_train_images": "PMPO_MAX_TRAIN_IMAGES",
              "max_trainings": "PMPO_MAX_TRAININGS", "allowed_backbones": "PMPO_ALLOWED_BACKBONES",
              "model": "PMPO_MODEL", "pretrained": "PMPO_PRETRAINED"}

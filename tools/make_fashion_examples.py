@@ -3,7 +3,7 @@
 Reads the **test** split (``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz``) as the
 Debian package ``dataset-fashion-mnist`` installs it, takes the first ``--per-class`` images of
 each of the 10 classes in file order, and saves their 28×28 grayscale pixels unchanged as
-``<class>_<k>.png`` (mode L, k = 1..per_class) in ``pmpo/app/examples/fashion_mnist/``:
+``<class>_<k>.png`` (mode L, k = 1..per_class) in ``app/examples/fashion_mnist/``:
 
     apt-get install dataset-fashion-mnist          # or: apt-get download + dpkg -x
     python tools/make_fashion_examples.py          # --source DIR --per-class 16 --out DIR

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pretrain a small open_clip CLIP on ShapeWorld and ship it in open_clip's ``local-dir:`` format.
 
-    python tools/pretrain_shapeworld.py --out pmpo/checkpoints/shapeworld-clip
+    python tools/pretrain_shapeworld.py --out checkpoints/shapeworld-clip
 
 The model is ``open_clip.model.CLIP(**MODEL_CFG)`` (or the ``model_cfg`` of ``--model-config``;
 open_clip's own model code, GELU, ViT image tower, causal text transformer, default
@@ -56,7 +56,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from pmpo.data import shapeworld as sw
 
 # The offline model's architecture: as deep as ViT-B/16 (12 + 12 layers) so every method preset
-# runs unchanged. The shipped model (pmpo/checkpoints/shapeworld-clip) reaches it by --grow from a
+# runs unchanged. The shipped model (checkpoints/shapeworld-clip) reaches it by --grow from a
 # shallow first stage (--write-config 2 2 8); its card lists every stage's command.
 MODEL_CFG = {
     "embed_dim": 128,
@@ -623,8 +623,8 @@ def write_card(out: Path, record: dict, res: dict):
         "Load with open_clip (no network needed):",
         "",
         "```python",
-        "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:pmpo/checkpoints/shapeworld-clip')",
-        "tokenizer = open_clip.get_tokenizer('local-dir:pmpo/checkpoints/shapeworld-clip')",
+        "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:checkpoints/shapeworld-clip')",
+        "tokenizer = open_clip.get_tokenizer('local-dir:checkpoints/shapeworld-clip')",
         "```",
         "",
         "## Architecture",
@@ -771,7 +771,7 @@ def write_card(out: Path, record: dict, res: dict):
         if cfg == DEFAULT_MODEL_CFG:
             return None
         if cfg is None:
-            return "pmpo/checkpoints/shapeworld-clip/open_clip_config.json"
+            return "checkpoints/shapeworld-clip/open_clip_config.json"
         v, x = cfg["vision_cfg"], cfg["text_cfg"]
         return f"<(python tools/pretrain_shapeworld.py --write-config {v['layers']} {x['layers']} {v['patch_size']})"
     def _init_path(i: int) -> str:
@@ -783,7 +783,7 @@ def write_card(out: Path, record: dict, res: dict):
     last_is_snapshot = bool(stages[-1].get("snapshot_of"))
     commands = [
         f"python tools/pretrain_shapeworld.py --out "
-        f"{f'/tmp/stage{i + 1}' if i < len(stages) - 1 or last_is_snapshot else 'pmpo/checkpoints/shapeworld-clip'} "
+        f"{f'/tmp/stage{i + 1}' if i < len(stages) - 1 or last_is_snapshot else 'checkpoints/shapeworld-clip'} "
         f"--steps {t.get('snapshot_of') or t['steps']} --batch-size {t['batch_size']} --lr {t['lr']} "
         f"--warmup {t['warmup']} --p-two {t['p_two']} --p-grouped {t.get('p_grouped', 0.0)} --seed {t['seed']} "
         f"--aux-weight {t.get('aux_weight', 0.0)} --clip-grad {t.get('clip_grad', 0.0)}"
@@ -796,9 +796,9 @@ def write_card(out: Path, record: dict, res: dict):
         for i, t in enumerate(stages)
     ]
     if last_is_snapshot:  # the shipped weights are a snapshot: evaluate them in place of the stage's end
-        commands += [f"mkdir -p pmpo/checkpoints/shapeworld-clip && cp {_init_path(len(stages))}/"
-                     "{open_clip_config.json,open_clip_model.safetensors,eval.json} pmpo/checkpoints/shapeworld-clip/",
-                     "python tools/pretrain_shapeworld.py --out pmpo/checkpoints/shapeworld-clip --eval-only"]
+        commands += [f"mkdir -p checkpoints/shapeworld-clip && cp {_init_path(len(stages))}/"
+                     "{open_clip_config.json,open_clip_model.safetensors,eval.json} checkpoints/shapeworld-clip/",
+                     "python tools/pretrain_shapeworld.py --out checkpoints/shapeworld-clip --eval-only"]
     if tr.get("grown"):
         lines += [
             "**Why the model is grown.** From random initialisation a 12-layer ViT stays at chance on shape, size",
@@ -831,7 +831,7 @@ def write_card(out: Path, record: dict, res: dict):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="pmpo/checkpoints/shapeworld-clip")
+    ap.add_argument("--out", default="checkpoints/shapeworld-clip")
     ap.add_argument("--steps", type=int, default=None, help="fixed number of steps (default: fit --minutes)")
     ap.add_argument("--minutes", type=float, default=11.0, help="training time budget when --steps is not set")
     ap.add_argument("--batch-size", type=int, default=128)

@@ -1,8 +1,8 @@
 """Ship prompt checkpoints that already learned, beside the offline model.
 
-Why: the offline ShapeWorld CLIP (pmpo/checkpoints/shapeworld-clip/) is the one backbone every
+Why: the offline ShapeWorld CLIP (checkpoints/shapeworld-clip/) is the one backbone every
 install has, but a prompt learned on it had to be trained first. This script ships three that
-already learned (pmpo, maple, coop) as ``pmpo/checkpoints/shapeworld-clip/prompts/<method>.safetensors``.
+already learned (pmpo, maple, coop) as ``checkpoints/shapeworld-clip/prompts/<method>.safetensors``.
 Nothing is chosen here: each is the seed-1 run of the ShapeWorld benchmark
 (``pmpo/configs/sweeps/shapeworld.yaml``), run through the sweep's own code (``load_sweep``,
 ``sweep_recipe``, ``run_protocol``), so it is exactly that benchmark's run. The zero-shot run of the

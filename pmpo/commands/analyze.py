@@ -1,4 +1,4 @@
-"""``pmpo analyze <name> ...``: the analysis toolkit (``pmpo/analysis/``) from the pmpo command line.
+"""``pmpo analyze <name> ...``: the analysis toolkit (``analysis/``) from the pmpo command line.
 
 Each analysis owns its options; this command only dispatches, and imports the analysis (and
 matplotlib, umap) only when it is asked for, so other commands stay fast to start.
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
         help=SUMMARIES["analyze"],
-        description="Run one analysis of pmpo/analysis/ (same as python -m pmpo.analysis.<name>). "
+        description="Run one analysis of analysis/ (same as python -m pmpo.analysis.<name>). "
                     "'pmpo analyze <name> --help' lists its options.",
         epilog="example: pmpo analyze attention_atlas --offline --dataset shapeworld --out figs/atlas",
     )

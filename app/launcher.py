@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from urllib.request import urlopen
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout, where app.py lives
+ROOT = Path(__file__).resolve().parents[1]  # the checkout, where app.py lives
 
 
 def free_port() -> int:

@@ -536,7 +536,7 @@ def open_state(
     for spec in attempts:
         if spec.model == OFFLINE_MODEL and not offline_model_present():
             failures.append(
-                "the shipped offline ShapeWorld CLIP (pmpo/checkpoints/shapeworld-clip/) is not in this copy "
+                "the shipped offline ShapeWorld CLIP (checkpoints/shapeworld-clip/) is not in this copy "
                 "(it is produced by tools/pretrain_shapeworld.py)"
             )
             continue
