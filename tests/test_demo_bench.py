@@ -131,7 +131,7 @@ def test_markdown_report_has_machine_header_and_a_table_per_backbone(bench):
 
 
 def offline_model_present() -> bool:
-    return (ROOT / "pmpo" / "checkpoints" / "shapeworld-clip" / "open_clip_config.json").is_file()
+    return (ROOT / "checkpoints" / "shapeworld-clip" / "open_clip_config.json").is_file()
 
 
 @pytest.mark.skipif(not offline_model_present(), reason="the shipped offline ShapeWorld CLIP is not in this copy")

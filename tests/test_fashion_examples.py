@@ -70,9 +70,11 @@ def test_licence_readme_and_credit():
 
 
 def test_package_data_globs_cover_the_folder():
-    """setuptools expands package-data globs with glob(recursive=True) under the package folder."""
-    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pmpo"]
-    pkg = REPO / "pmpo"
+    """setuptools expands package-data globs with glob(recursive=True) under the package's folder
+    (app/, which the wheel maps to pmpo.app)."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools["package-data"]["pmpo.app"]
+    pkg = REPO / setuptools["package-dir"]["pmpo.app"]
     shipped = {Path(f).resolve() for pat in patterns for f in glob.glob(str(pkg / pat), recursive=True)}
     for f in [*map(Path, fashion_images()), FASHION_DIR / "LICENSE", FASHION_DIR / "README.md"]:
         assert f.resolve() in shipped, f

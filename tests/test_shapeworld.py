@@ -13,7 +13,7 @@ import pytest
 from pmpo.data import shapeworld as sw
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "pmpo" / "checkpoints" / "shapeworld-clip"
+SHIPPED = REPO / "checkpoints" / "shapeworld-clip"
 
 _FILL_OF_WORD = {v: k for k, v in sw.FILL_WORD.items()}
 _POS_WORDS = {"left", "right", "top", "bottom", "center"}
