@@ -110,6 +110,37 @@ class TrainConfig:
         return cls(**typed)
 
 
+# The options a run may override on the command line (`pmpo train`, `pmpo recipe`, sweeps), with what
+# their flag says; the flags are generated from this and the fields' types. The rest (RECIPE_ONLY): the
+# seed has its own flag; log_every and the GPA shape belong to the recipe files.
+OPTION_HELP: dict[str, str | None] = {
+    "epochs": None,
+    "batch_size": "global batch: images per optimizer step over all processes",
+    "lr": None,
+    "optimizer": None,
+    "momentum": None,
+    "weight_decay": None,
+    "scheduler": "after warm-up, stepped per epoch",
+    "warmup_epochs": None,
+    "warmup_lr": None,
+    "grad_accum": "micro-batches per step (same result, less memory)",
+    "precision": None,
+    "num_workers": "DataLoader workers per process",
+    "eval_batch_size": None,
+    "min_crop_scale": "smallest area fraction of the train crop (default 0.08, CoOp's protocol)",
+    "cached_views": "methods without visual prompts (CoOp, KgCoOp, CoCoOp): encode this many augmented views of "
+                    "every image once, then every step is a text pass (default 0: fresh augmentations every step, "
+                    "as the authors' code; not their protocol, see docs/RECIPES.md)",
+}
+RECIPE_ONLY = ("seed", "log_every", "gpa_mean", "gpa_std")
+OPTION_CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "precision": PRECISIONS}
+
+
+def option_type(name: str) -> type:
+    """The Python type of TrainConfig option ``name`` (from its default)."""
+    return type(getattr(TrainConfig(), name))
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     return read_yaml_mapping(path, "training config")
 

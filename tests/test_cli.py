@@ -172,3 +172,24 @@ def test_app_command_forwards_every_option_to_the_app(capsys):
     with pytest.raises(SystemExit):
         main(["table", "runs", "--no-such-option"])  # other commands still refuse unknown options
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_every_training_option_is_a_flag_or_named_recipe_only():
+    """The training flags are generated from TrainConfig: a new option is either given a flag (with
+    its type and choices) or listed as recipe-only, never silently missing from the command line."""
+    import argparse
+    import dataclasses
+
+    from pmpo.commands.train import add_train_args
+    from pmpo.train_config import OPTION_CHOICES, OPTION_HELP, RECIPE_ONLY, TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(OPTION_HELP) | set(RECIPE_ONLY) == fields and not set(OPTION_HELP) & set(RECIPE_ONLY)
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    args = parser.parse_args(["--batch-size", "8", "--lr", "0.01", "--optimizer", "adamw", "--cached-views", "2"])
+    assert (args.batch_size, args.lr, args.optimizer, args.cached_views) == (8, 0.01, "adamw", 2)
+    assert args.epochs is None  # not given: the preset's
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--optimizer", "rmsprop"])
+    assert set(OPTION_CHOICES) <= set(OPTION_HELP)

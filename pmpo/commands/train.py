@@ -7,9 +7,9 @@ import sys
 
 from .. import distributed as pdist
 from ..data import list_datasets
-from ..engine import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from ..errors import BackboneLoadError, InputError
 from ..protocols import PROTOCOLS, run_dir, run_protocol
+from ..train_config import OPTION_CHOICES, OPTION_HELP, option_type
 from .common import add_model_args, offline_fallback
 from . import SUMMARIES
 
@@ -36,32 +36,15 @@ per-dataset blocks, and each benchmark dataset's own prior template (CoOp's); op
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """``--train-config`` and one flag per overridable TrainConfig option (train_config.OPTION_HELP)."""
     g = parser.add_argument_group("training (override the preset)")
     g.add_argument("--train-config", help="training YAML (default: the preset for method and protocol)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="global batch: images per optimizer step over all processes")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--optimizer", choices=OPTIMIZERS)
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--scheduler", choices=SCHEDULERS, help="after warm-up, stepped per epoch")
-    g.add_argument("--warmup-epochs", type=int)
-    g.add_argument("--warmup-lr", type=float)
-    g.add_argument("--grad-accum", type=int, help="micro-batches per step (same result, less memory)")
-    g.add_argument("--precision", choices=PRECISIONS)
-    g.add_argument("--num-workers", type=int, help="DataLoader workers per process")
-    g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--min-crop-scale", type=float,
-                   help="smallest area fraction of the train crop (default 0.08, CoOp's protocol)")
-    g.add_argument("--cached-views", type=int, metavar="K",
-                   help="methods without visual prompts (CoOp, KgCoOp, CoCoOp): encode K augmented views of every "
-                        "image once, then every step is a text pass (default 0: fresh augmentations every step, "
-                        "as the authors' code; not their protocol, see docs/RECIPES.md)")
+    for name, help_text in OPTION_HELP.items():
+        g.add_argument("--" + name.replace("_", "-"), type=option_type(name), choices=OPTION_CHOICES.get(name),
+                       help=help_text)
 
 
-TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "warmup_epochs",
-                 "warmup_lr", "grad_accum", "precision", "num_workers", "eval_batch_size", "min_crop_scale",
-                 "cached_views")
+TRAIN_OPTIONS = tuple(OPTION_HELP)
 
 
 def add_template_arg(parser: argparse.ArgumentParser) -> None:
