@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .inputs import guess_label
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -114,7 +115,7 @@ def example_training_images(folder: str | Path, classes: list[str] = TRAIN_EXAMP
 
 def label_from_filename(path: str, classnames: list[str]) -> str | None:
     """'red_circle_3.png' -> 'red circle' when that is a class: lets examples carry their labels."""
-    stem = re.sub(r"[_\-\s]*\d+$", "", Path(path).stem).replace("_", " ").replace("-", " ").strip().lower()
+    stem = guess_label(path).lower()
     for c in classnames:
         if c.lower() == stem:
             return c

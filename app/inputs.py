@@ -32,6 +32,13 @@ class ClassList:
     notices: list[str] = field(default_factory=list)
 
 
+def guess_label(name: str) -> str:
+    """'golden_retriever_03.jpg' -> 'golden retriever': the file stem without a trailing number."""
+    stem = Path(name).stem
+    stem = re.sub(r"[\s_\-.]*\(?\d+\)?$", "", stem)
+    return re.sub(r"[_\-]+", " ", stem).strip()
+
+
 def split_lines_or_commas(text: str) -> list[str]:
     """One item per line; a single line is split at commas instead ("cat, dog, bird")."""
     text = (text or "").strip()

@@ -9,17 +9,16 @@ sees is accuracy on images the prompts never saw, not training accuracy.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from pmpo.data.datasets import IMAGE_EXTENSIONS, Datum
+from pmpo.data.datasets import IMAGE_EXTENSIONS, Datum, clean_classname
 from pmpo.data.loader import load_image
 from pmpo.errors import DatasetError, InputError
 
-from .inputs import MAX_CLASSNAME_CHARS, display_name, file_path
+from .inputs import MAX_CLASSNAME_CHARS, display_name, file_path, guess_label
 from .state import BackboneSpec, is_offline_model
 
 MAX_TRAIN_IMAGES = 2000
@@ -33,13 +32,6 @@ def local_paths_allowed() -> bool:
 
 
 # --- labelled data ---------------------------------------------------------------------------------
-def guess_label(name: str) -> str:
-    """'golden_retriever_03.jpg' -> 'golden retriever': the file stem without a trailing number."""
-    stem = Path(name).stem
-    stem = re.sub(r"[\s_\-.]*\(?\d+\)?$", "", stem)
-    return re.sub(r"[_\-]+", " ", stem).strip()
-
-
 def label_rows(files: Any) -> list[list[str]]:
     """Rows (file, guessed label) for the editable label table."""
     paths = [file_path(f) for f in (files or [])]
@@ -116,7 +108,7 @@ def _to_items(pairs: Sequence[tuple[str, str]]) -> tuple[list[Datum], list[str]]
     """Labels become class ids in sorted order; needs two classes and bounded sizes."""
     if len(pairs) > MAX_TRAIN_IMAGES:
         raise InputError(f"{len(pairs)} training images is more than the app's limit of {MAX_TRAIN_IMAGES}; use `pmpo train`.")
-    names = sorted({label.replace("_", " ").strip() for _, label in pairs}, key=str.lower)
+    names = sorted({clean_classname(label) for _, label in pairs}, key=str.lower)
     too_long = [n for n in names if len(n) > MAX_CLASSNAME_CHARS]
     if too_long:
         raise InputError(f"Label too long ({len(too_long[0])} characters, limit {MAX_CLASSNAME_CHARS}): {too_long[0][:40]!r}...")
@@ -129,8 +121,7 @@ def _to_items(pairs: Sequence[tuple[str, str]]) -> tuple[list[Datum], list[str]]
         raise InputError(f"Training needs at least two classes; all images are labelled {names[0]!r}." if names
                          else "Training needs at least two classes.")
     index = {n: i for i, n in enumerate(names)}
-    items = [Datum(path=p, label=index[label.replace("_", " ").strip()], classname=label.replace("_", " ").strip())
-             for p, label in pairs]
+    items = [Datum(path=p, label=index[clean_classname(label)], classname=clean_classname(label)) for p, label in pairs]
     return items, names
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from .backbone import Backbone, load_backbone
 from .config import PMPOConfig, template_pool
+from .data.types import clean_classname
 from .encoders import TextEncoder, VisionEncoder, VisionOutput
 from .errors import InputError
 from .prompts import PromptLearner
@@ -44,7 +45,7 @@ def clean_classnames(classnames: Sequence[str]) -> list[str]:
     """Class names as the text encoder should see them; rejects lists that cannot work."""
     if isinstance(classnames, str):
         raise InputError("classnames must be a list of names, not one string")
-    names = [str(c).replace("_", " ").strip() for c in classnames]
+    names = [clean_classname(c) for c in classnames]
     if not names:
         raise InputError("the class list is empty: give at least one class name")
     empty = [i for i, n in enumerate(names) if not n]

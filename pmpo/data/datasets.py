@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from pmpo.data.types import DEFAULT_TEMPLATE, DatasetSplits, Datum
+from pmpo.data.types import DEFAULT_TEMPLATE, DatasetSplits, Datum, clean_classname
 from pmpo.errors import DatasetError
 
 COOP_DATASETS_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
@@ -36,13 +36,6 @@ CUSTOM_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 # --------------------------------------------------------------------------------------------
 # Helpers shared by the loaders
 # --------------------------------------------------------------------------------------------
-
-
-def clean_classname(name: str) -> str:
-    """CoOp's trainers feed ``name.replace("_", " ")`` to the text encoder for every dataset
-    (e.g. Food101 ``apple_pie``, SUN397 ``outdoor apartment_building``, UCF101
-    ``Apply_Eye_Makeup``); doing it once here keeps every consumer consistent."""
-    return " ".join(name.replace("_", " ").split())
 
 
 def _missing(title: str, what: str, path: Path | str, hint: str) -> DatasetError:

@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
+def clean_classname(name: str) -> str:
+    """A class name as the text encoder sees it, wherever it comes from (a dataset's folders, a
+    user's list, the app's labels): CoOp's trainers feed ``name.replace("_", " ")`` to the text
+    encoder for every dataset (Food101 ``apple_pie``, UCF101 ``Apply_Eye_Makeup``); runs of spaces
+    become one."""
+    return " ".join(str(name).replace("_", " ").split())
+
+
 @dataclass(frozen=True)
 class Datum:
     """One labelled image: an absolute path, its class id and the (cleaned) class name."""
