@@ -30,6 +30,7 @@ from .config import PMPOConfig, template_pool
 from .data.types import clean_classname
 from .encoders import TextEncoder, VisionEncoder, VisionOutput
 from .errors import InputError
+from .losses import TERMS, Step, against
 from .prompts import PromptLearner
 
 CACHE_SIZE = 16
@@ -360,8 +361,9 @@ class PMPOModel(nn.Module):
 
     def loss(self, images: torch.Tensor | None, labels: torch.Tensor, classnames: Sequence[str],
              vision: VisionOutput | None = None) -> dict[str, torch.Tensor]:
-        """Training objective: CE, plus per-prompt auxiliary CE (β), prior consistency (λ) and
-        PromptSRC's self-regulating terms (L1 text, L1 image, KL logits), each with its own weight.
+        """Training objective: CE plus the weighted terms of :data:`pmpo.losses.TERMS` — per-prompt
+        auxiliary CE (β), prior consistency (λ) and PromptSRC's self-regulating terms (L1 text, L1
+        image, KL logits) — each computed only when its weight is not 0.
 
         ``vision`` replaces the image pass with features computed earlier; only valid when the
         image side is frozen (:attr:`frozen_image_side`), where they are the same numbers."""
@@ -383,35 +385,13 @@ class PMPOModel(nn.Module):
         labels = labels.to(logits.device)
         ce = F.cross_entropy(logits, labels)
         out = {"logits": logits, "ce": ce, "loss": ce}
-
-        def add(name: str, weight: float, value: torch.Tensor) -> None:
-            out[name] = value
-            out["loss"] = out["loss"] + weight * value
-
-        if prompts is not None and cfg.aux_weight:
-            n = prompts.shape[-3]
-            per_view = [feats[i if len(feats) > 1 else 0] for i in range(n)]
-            add("aux", cfg.aux_weight, torch.stack([
-                F.cross_entropy(self.logit_scale * _against(per_view[i], prompts[..., i, :, :]), labels) for i in range(n)
-            ]).mean())
-        if prompts is not None and cfg.consistency_weight:
-            mean_prompt = F.normalize(prompts.mean(-3), dim=-1)
-            add("consistency", cfg.consistency_weight, (1 - (mean_prompt * cw.prior).sum(-1)).mean())
-        if cfg.uses_teacher:
-            # PromptSRC (trainers/promptsrc.py): the frozen CLIP's image feature and its logits against
-            # the template-pool text features; L1 means over elements, KL sums over the batch's logits
-            # and divides by their number.
-            teacher = self.teacher_text_features(classnames)
-            plain = self.plain_image_features(images)
-            if prompts is not None and cfg.text_l1_weight:
-                add("text_l1", cfg.text_l1_weight, F.l1_loss(prompts, teacher.expand_as(prompts)))
-            if cfg.image_l1_weight:
-                add("image_l1", cfg.image_l1_weight, torch.stack([F.l1_loss(f, plain) for f in feats]).mean())
-            if cfg.logit_kl_weight:
-                zero_shot = self.logit_scale * plain @ teacher.t()
-                kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(zero_shot, dim=-1), reduction="sum",
-                              log_target=True) / logits.numel()
-                add("logit_kl", cfg.logit_kl_weight, kl)
+        step = Step(self, images, labels, classnames, logits, feats, prompts, cw)
+        for term in TERMS:  # in order, so the sum is the same for every method (pmpo.losses)
+            weight = getattr(cfg, term.weight)
+            value = term.value(step) if weight else None
+            if value is not None:
+                out[term.name] = value
+                out["loss"] = out["loss"] + weight * value
         return out
 
     @torch.no_grad()
@@ -424,7 +404,7 @@ class PMPOModel(nn.Module):
         views = vision if isinstance(vision, list) else [vision] * len(cw.prompts)
         prompts = self.conditional_weights(vision.features, cw)[1] if cw.conditional else cw.prompts
         return torch.stack([
-            self.logit_scale * _against(F.normalize(v.features.float(), dim=-1), prompts[..., i, :, :])
+            self.logit_scale * against(F.normalize(v.features.float(), dim=-1), prompts[..., i, :, :])
             for i, v in enumerate(views)
         ])
 
@@ -463,13 +443,6 @@ class PMPOModel(nn.Module):
             out.append(self(batch, classnames).softmax(dim=-1))
         self.train(was_training)
         return torch.cat(out)
-
-
-def _against(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Cosine logits [B, C] of features [B, D] against shared weights [C, D] or per-image ones [B, C, D]."""
-    if weights.dim() == 3:
-        return torch.einsum("bd,bcd->bc", features, weights)
-    return features @ weights.t()
 
 
 def build_model(cfg: PMPOConfig, device: str | torch.device = "cpu", backbone: Backbone | None = None) -> PMPOModel:
