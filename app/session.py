@@ -134,7 +134,8 @@ def train_session(*, model, spec: BackboneSpec, items: list[Datum], held: list[D
     updates: queue.Queue = queue.Queue()
     # steps_s: seconds inside optimizer steps only (the ETA's rate); mark: when the training last left
     # the callback (so feature passes, scoring and pauses for visitors are not counted as steps).
-    clock = {"train_start": None, "last_eval": None, "steps_s": 0.0, "mark": time.perf_counter(), "budget_hit": False}
+    clock = {"train_start": None, "last_eval": None, "steps_s": 0.0, "mark": time.perf_counter(), "budget_hit": False,
+             "last_step": None}
     steps_per_epoch = max(1, len(items) // cfg.batch_size)
 
     def score(entry: dict) -> dict:
@@ -154,6 +155,7 @@ def train_session(*, model, spec: BackboneSpec, items: list[Datum], held: list[D
                 return
             step_s = now - clock["mark"]
             clock["steps_s"] += step_s
+            clock["last_step"] = entry  # the final score's step (this thread's, not the consumer's)
             updates.put({**entry, "steps_s": clock["steps_s"]})
             if clock["train_start"] is None:
                 clock["train_start"] = now
@@ -177,23 +179,19 @@ def train_session(*, model, spec: BackboneSpec, items: list[Datum], held: list[D
     def run() -> None:
         try:
             result = train(model, items, classnames, cfg, progress=progress, stop=stop)
-            last = updates_seen.get("step")
-            if scorer is not None and last is not None:
-                updates.put(score(last))
-            learned = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith("prompts.")}
+            if scorer is not None and clock["last_step"] is not None:
+                updates.put(score(clock["last_step"]))
+            learned = {k: v.detach().cpu() for k, v in model.prompts.state_dict().items()}
             updates.put({"type": "result", "result": result, "state": learned, "budget_hit": clock["budget_hit"]})
         except BaseException as exc:  # noqa: BLE001 (the session reports it; the thread must not die silently)
             updates.put(_failed(exc))
         finally:
             updates.put(None)
 
-    updates_seen: dict[str, dict] = {}
     thread = threading.Thread(target=run, name="pmpo-train-session", daemon=True)
     thread.start()
     try:
         while (entry := updates.get()) is not None:
-            if entry.get("type") == "step":
-                updates_seen["step"] = entry
             yield entry
     finally:  # the consumer went away (a closed stream): stop the training at its next step
         if thread.is_alive():

@@ -283,7 +283,7 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
         yield TrainUpdate(f"Training failed: {message}", history, done=True, error=True, report=_stamp(report, started))
         return
     result = outcome["result"]
-    model.load_state_dict(outcome["state"], strict=False)  # the session's model (a copy on ZeroGPU)
+    model.prompts.load_state_dict(outcome["state"])  # the session's prompts (a copy's on ZeroGPU)
     report.update(stopped=result.stopped, images_per_s=result.images_per_s or None)
     if not history:
         report.update(phase="cancelled", done=True, eta_s=0.0)

@@ -44,7 +44,7 @@ from .data import (
 from .engine import LAST_CHECKPOINT, TrainConfig, derive_seed, evaluate, seeded_init, train
 from .errors import InputError
 from .io import create_temp_beside
-from .model import PMPOModel, build_model
+from .model import build_model
 
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization")
 RESULT_FILE = "result.json"

@@ -9,7 +9,8 @@ holds our backbone's state dict, and every step is their ``forward_backward``. O
 and after each of our steps (its progress callback) their trainer takes the same step.
 
 Shims, active only while their code runs (none changes their arithmetic):
-  * ``.cuda()`` moves to the CPU when there is no GPU (PromptSRC, KgCoOp and VPT hard-code it);
+  * their hard-coded CUDA moves (``Tensor.cuda``/``Module.cuda``, in PromptSRC, KgCoOp and VPT) go to the
+    run's one device;
   * ``.half()``: with ``their_fp16_casts="round"`` (default) a float32 tensor is rounded to fp16
     values and kept float32, so each cast their code makes still rounds, but their fp32 path does
     not crash where it mixes dtypes (MaPLe's ``proj.half()``, PromptSRC's fp16 frozen image encoder
