@@ -4,16 +4,16 @@
 The app itself lives in :mod:`pmpo.app` so that an installed package has it too (``pmpo app``).
 """
 
+import contextlib
 import os
 import sys
 
 if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
-    try:  # a ZeroGPU Space: `spaces` must come before anything touches CUDA (pmpo.app.zerogpu)
+    # A ZeroGPU Space: `spaces` must come before anything touches CUDA (pmpo.app.zerogpu).
+    with contextlib.suppress(ImportError):
         import spaces  # noqa: F401
-    except ImportError:
-        pass
 
-from pmpo.app.main import main  # noqa: E402
+from pmpo.app.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

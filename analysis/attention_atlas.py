@@ -20,9 +20,9 @@ Outputs: ``attention_atlas.{png,pdf}``, ``attention_prompt_mass.{png,pdf}`` and 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

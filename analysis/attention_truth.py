@@ -14,9 +14,9 @@ pass and the prompted pass(es); ``run`` is ``pmpo analyze attention_truth``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ def score_map(patch_attention: np.ndarray, labels: PatchLabels, prompt_attention
 
 # --- a model's attention, per layer and pass --------------------------------------------------------
 
-def _passes(model, weights) -> list[tuple[str, list | None, int | None, "torch.Tensor"]]:
+def _passes(model, weights) -> list[tuple[str, list | None, int | None, torch.Tensor]]:
     """(label, visual schedule, prompt id for the slot layout, class embeddings [C, D]) of the plain
     pass (with the manual prior) and of the model's prompted pass(es) (each prompt's own class
     embeddings, or the combined ones for the single pass)."""

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from pmpo.options import add_model_args, load_model_from_args, parse_classes
 from pmpo.data import Datum, build_dataset, load_image
 from pmpo.errors import InputError, PMPOError
+from pmpo.options import add_model_args, load_model_from_args, parse_classes
 
 SPLITS = ("train", "val", "test")
 

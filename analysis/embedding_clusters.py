@@ -14,8 +14,8 @@ Outputs: ``embedding_clusters.{png,pdf}``, ``embedding_clusters.csv`` (per image
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -18,8 +18,8 @@ Outputs: ``prompt_similarity``, ``prompt_spread``, ``prompt_umap`` (PNG + PDF) a
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -16,9 +16,9 @@ Outputs: ``prompt_words.{csv,md}`` (top-k per vector and metric), ``prompt_words
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

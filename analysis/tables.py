@@ -14,8 +14,8 @@ Outputs per protocol ``P``: ``table_P.tex`` (booktabs), ``table_P.md``, ``table_
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -104,7 +104,7 @@ def write_tables(results: Sequence[dict], out: Path, reference: bool = False,
             path = out / f"{stem}.{ext}"
             path.write_text(render(tables, fmt), encoding="utf-8")
             paths.append(path)
-        for i, table in enumerate(tables):
+        for table in tables:
             paths += plot_table(table, out, stem if len(tables) == 1 else f"{stem}_{table.shots}shots")
     return paths
 

@@ -16,8 +16,8 @@ prompted; the prompted pass only for methods with visual prompts); the text side
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

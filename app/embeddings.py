@@ -8,8 +8,8 @@ the file name when it names a class (the examples do), else the model's predicti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -93,7 +93,8 @@ def _reduce(vectors: np.ndarray, method: str, seed: int) -> np.ndarray:
         from sklearn.manifold import TSNE
 
         perplexity = float(max(1.0, min(30.0, (n - 1) / 3)))
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, metric="cosine", max_iter=500).fit_transform(vectors)
+        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, metric="cosine", max_iter=500)
+        return tsne.fit_transform(vectors)
     if method == "UMAP":
         import umap
 

@@ -41,7 +41,7 @@ def _example_renders() -> tuple:
     return tuple(_example_sample(i, cls) for i, cls in enumerate(EXAMPLE_CLASSES))
 
 
-def example_masks(image: "Image.Image"):
+def example_masks(image: Image.Image):
     """The ground-truth masks (``SceneMasks``) when ``image`` is pixel for pixel one of the example
     images, else None. Matched on content, not on the file name, so a renamed upload never borrows
     another image's masks."""

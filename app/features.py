@@ -18,8 +18,9 @@ attention maps of the same image need no pass at all.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ class ImageFeatures:
         self.cache = cache if cache is not None else TensorCache(CACHE_BYTES)
 
     # --- what the tabs ask for ------------------------------------------------------------------
-    def views(self, entry: "LoadedModel", images: Sequence[Image.Image], plain: bool = True,
+    def views(self, entry: LoadedModel, images: Sequence[Image.Image], plain: bool = True,
               digests: Sequence[str] | None = None) -> ImageViews:
         """``plain=False``: leave out the plain features (None) when they would cost a pass of their
         own, i.e. unless the image side is frozen (then they are the prompted view). ``digests``:
@@ -99,12 +100,12 @@ class ImageFeatures:
         n_views = len(prompted[0])
         return ImageViews(plain_feats, [norm([p[v] for p in prompted]) for v in range(n_views)], False, passes)
 
-    def passes(self, entry: "LoadedModel", image: Image.Image) -> tuple[VisionOutput, list[VisionOutput], int]:
+    def passes(self, entry: LoadedModel, image: Image.Image) -> tuple[VisionOutput, list[VisionOutput], int]:
         """One image's plain pass and prompted pass(es), with attention rows and patch tokens."""
         plain, prompted, passes = self._passes(entry.spec, entry.fingerprint, entry.model, [image])
         return plain[0][0], (prompted[0] if prompted is not None else plain[0]), passes
 
-    def missing(self, entry: "LoadedModel", digests: Sequence[str]) -> tuple[int, int]:
+    def missing(self, entry: LoadedModel, digests: Sequence[str]) -> tuple[int, int]:
         """How many of the images (by :func:`image_digest`) lack their plain and their prompted pass."""
         plain = sum(self.cache.get(("plain", entry.spec, d)) is None for d in digests)
         if entry.model.frozen_image_side:

@@ -32,7 +32,7 @@ def launch(args: list[str], log_path: str | Path, env: dict[str, str] | None = N
     full_env.pop("SPACE_ID", None)
     full_env.update(env or {})
     log_path = Path(log_path)
-    log = open(log_path, "w")
+    log = open(log_path, "w")  # noqa: SIM115 (the app writes to it for its whole life)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *args, "--port", str(port)],
                             cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)

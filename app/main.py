@@ -56,12 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:5.1f} s] {message}", file=sys.stderr, flush=True)
 
     say("starting the PMPO demo: importing torch, open_clip and gradio…")
+    from pmpo.app import zerogpu
     from pmpo.app.state import open_state
     from pmpo.app.ui import allowed_paths, build_demo
     from pmpo.device import resolve_device
     from pmpo.errors import PMPOError
-
-    from pmpo.app import zerogpu
 
     say(f"loading the backbone ({args.model or 'default: ViT-B-16-quickgelu + openai, else the offline model'})…")
     # On ZeroGPU the server process never holds a GPU (its CUDA is the platform's stand-in): the

@@ -25,7 +25,7 @@ MAX_DETAIL = 160  # characters of a refused value's description (choices lists c
 class Page(gr.Blocks):
     """The app's page: ``gr.Blocks`` whose input refusals are one line (see the module docstring)."""
 
-    async def preprocess_data(self, block_fn, inputs, state, *args, **kwargs):  # noqa: D401 (Gradio's hook)
+    async def preprocess_data(self, block_fn, inputs, state, *args, **kwargs):
         try:
             return await super().preprocess_data(block_fn, inputs, state, *args, **kwargs)
         except Exception as exc:
@@ -61,7 +61,7 @@ def _failing_index(blocks: list, inputs: list[Any], exc: BaseException) -> int |
                 model.model_validate(value, context={"validate_meta": True})
             elif model is None:
                 block.preprocess(value)
-        except Exception:
+        except Exception:  # noqa: BLE001 (Gradio's checks raise many kinds; any of them names this input)
             return i
     return None
 

@@ -13,8 +13,8 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pmpo.data.datasets import Datum
 from pmpo.data.loader import load_image

@@ -27,18 +27,19 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
 from pmpo.backbone import LOCAL_DIR, OFFLINE_MODEL, Backbone, load_backbone, resolve_model_name
+from pmpo.cache import TensorCache
 from pmpo.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
 from pmpo.config import PMPOConfig
 from pmpo.engine import seeded_init
 from pmpo.errors import BackboneLoadError, CheckpointError, InputError, PMPOError
-from pmpo.cache import TensorCache
 from pmpo.model import ClassWeights, PMPOModel, build_model, clean_classnames
 
 from . import zerogpu
@@ -169,7 +170,7 @@ class BackboneSpec:
     pretrained: str | None = None
 
     @staticmethod
-    def of(model: str, pretrained: str | None) -> "BackboneSpec":
+    def of(model: str, pretrained: str | None) -> BackboneSpec:
         model = (model or "").strip()
         if not model:
             raise InputError("Backbone model name is empty: give an open_clip name (e.g. ViT-B-16-quickgelu) or local-dir:PATH.")
@@ -282,7 +283,7 @@ class AppState:
         """The CLIP of ``spec``, loaded on first use and then shared."""
         spec = spec or self.default_spec
         allowed = self.allowed_backbones()
-        if allowed is not None and spec not in allowed and spec not in self._backbones.keys():
+        if allowed is not None and spec not in allowed and spec not in self._backbones:
             names = ", ".join(a.label for a in allowed)
             raise InputError(f"On this public Space only these backbones can be loaded: {names} "
                              "(the Space's owner sets PMPO_ALLOWED_BACKBONES). Run the app yourself for any other.")
@@ -375,7 +376,7 @@ class AppState:
         if own is not None:
             self._session_evicted(session, own)
 
-    def _session_evicted(self, session: str, own: "LRU[str, str]") -> None:
+    def _session_evicted(self, session: str, own: LRU[str, str]) -> None:
         stored = {path for _, path in own.items()}
         for path in stored:
             _remove_stored(path)

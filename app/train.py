@@ -18,8 +18,9 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from pmpo.checkpoint import save_checkpoint
 from pmpo.config import PMPOConfig
@@ -29,10 +30,19 @@ from pmpo.errors import InputError, PMPOError
 from pmpo.model import build_model
 
 from . import zerogpu
-from .recipe import (APP_CACHED_VIEWS, MAX_BUDGET_S, OFFLINE_LR, TRAIN_METHODS, Estimate, duration_text, estimate,
-                     measure_cost, train_config)
+from .recipe import (
+    APP_CACHED_VIEWS,
+    MAX_BUDGET_S,
+    OFFLINE_LR,
+    TRAIN_METHODS,
+    Estimate,
+    duration_text,
+    estimate,
+    measure_cost,
+    train_config,
+)
 from .session import StopFlag, train_session
-from .state import TRAINED_PREFIX, LRU, AppState, BackboneSpec, is_offline_model
+from .state import LRU, TRAINED_PREFIX, AppState, BackboneSpec, is_offline_model
 from .trainset import HOLDOUT_EVERY, MAX_TRAIN_IMAGES, check_images, split_holdout
 
 log = logging.getLogger(__name__)
@@ -75,7 +85,7 @@ class TrainLimits:
     max_concurrent: int = 1
 
     @classmethod
-    def from_env(cls, env: dict | None = None) -> "TrainLimits":
+    def from_env(cls, env: dict | None = None) -> TrainLimits:
         env = os.environ if env is None else env
         space = bool(env.get("SPACE_ID"))
 
@@ -211,7 +221,7 @@ def run_training(state: AppState, spec: BackboneSpec, method: str, epochs: int, 
         try:
             for entry in train_session(**session_args):
                 updates.put(entry)
-        except BaseException as exc:  # reported to the user below; the thread must not die silently
+        except BaseException as exc:  # noqa: BLE001 reported to the user below; the thread must not die silently
             outcome["error"] = exc
         finally:
             updates.put(None)

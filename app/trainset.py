@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import uuid
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pmpo.data.datasets import IMAGE_EXTENSIONS, Datum, clean_classname
 from pmpo.data.loader import load_image
@@ -174,8 +175,8 @@ def class_thumbnails(files: Any, table: Any, limit: int = 40) -> list[tuple[str,
 def example_set_for(spec: BackboneSpec, folder: str | Path) -> list[str]:
     """The example training images that can show a gain on ``spec``: ShapeWorld's swapped-name
     task on the offline model; real Fashion-MNIST photos on a real CLIP (which already reads shapes)."""
-    from .fashion import fashion_available, fashion_images
     from .examples import example_training_images
+    from .fashion import fashion_available, fashion_images
 
     if is_offline_model(spec.model) or not fashion_available():
         return example_training_images(folder)
@@ -183,8 +184,8 @@ def example_set_for(spec: BackboneSpec, folder: str | Path) -> list[str]:
 
 
 def example_note(spec: BackboneSpec) -> str:
-    from .fashion import FASHION_CLASSES, FASHION_CREDIT, fashion_available
     from .examples import EXAMPLE_TRAIN_PER_CLASS, TRAIN_EXAMPLE_CLASSES
+    from .fashion import FASHION_CLASSES, FASHION_CREDIT, fashion_available
 
     if is_offline_model(spec.model) or not fashion_available():
         return (f"*Example set: ShapeWorld, {len(TRAIN_EXAMPLE_CLASSES)} classes × {EXAMPLE_TRAIN_PER_CLASS}: shapes whose "

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import gradio as gr
 
+from .examples import EXAMPLE_CLASSES, example_images
 from .inputs import display_name, file_path
 from .page import PageContext, guarded, notices_md, session_of
 from .refusals import Page
-from .examples import EXAMPLE_CLASSES, example_images
 from .state import UNTRAINED, AppState, BackboneSpec
 from .tabs import attention, benchmarks, classify, embeddings, train
 
@@ -38,11 +38,10 @@ def build_demo(state: AppState) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=320):
                 page = side_column(state, demo)
-            with gr.Column(scale=3):
-                with gr.Tabs():
-                    for tab_id, tab in TABS:
-                        with gr.Tab(tab.TITLE, id=tab_id):
-                            tab.build(page)
+            with gr.Column(scale=3), gr.Tabs():
+                for tab_id, tab in TABS:
+                    with gr.Tab(tab.TITLE, id=tab_id):
+                        tab.build(page)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
     return demo
 

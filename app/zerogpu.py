@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 

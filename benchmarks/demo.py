@@ -57,8 +57,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/demo.py` from a checkout without an install
@@ -451,12 +453,13 @@ def measure_floor(model: str, pretrained: str | None, sets: Sequence[Sequence[Pa
             bb.clip.encode_image(x)
             bb.clip.encode_image(x[:1])
             b8, b1, prep = [], [], []
+            encode = bb.clip.encode_image
             for paths in [sets[i % len(sets)] for i in range(max(floor_repeats, len(sets)))]:
                 t = time.perf_counter()
                 x = batch(paths)
                 prep.append(time.perf_counter() - t)
-                b8.append(timed(lambda: bb.clip.encode_image(x)))
-                b1.append(timed(lambda: bb.clip.encode_image(x[:1])))
+                b8.append(timed(lambda x=x: encode(x)))
+                b1.append(timed(lambda x=x: encode(x[:1])))
             out.update(batch8_s=summarize(b8), single_s=summarize(b1), batch8_samples=b8, single_samples=b1,
                        preprocess8_s=statistics.median(prep))
             out["cores_used"] = statistics.median(cores)
@@ -522,7 +525,7 @@ def call(client, api_name: str, kwargs: dict[str, Any], timeout: float,
     except concurrent.futures.TimeoutError as exc:
         job.cancel()
         raise BenchError(f"{api_name} did not answer within {timeout:.0f} s") from exc
-    except Exception as exc:  # noqa: BLE001 - gradio_client raises AppError and friends
+    except Exception as exc:
         raise BenchError(f"{api_name} failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
     seconds = time.perf_counter() - t0
     status = result[0] if isinstance(result, (list, tuple)) and result else result
@@ -604,8 +607,8 @@ def train_epochs(model: str, pretrained: str | None, override: int | None) -> tu
     if override is not None:
         return override, "--train-epochs"
     try:
-        from pmpo.app.state import BackboneSpec
         from pmpo.app.recipe import default_epochs
+        from pmpo.app.state import BackboneSpec
     except ImportError as exc:
         raise BenchError(f"pmpo.app.recipe.default_epochs is gone ({exc}); give --train-epochs") from exc
     return int(default_epochs(BackboneSpec.of(model, pretrained))), "pmpo.app.recipe.default_epochs"
@@ -704,20 +707,24 @@ def run_backbone(key: str, opts: argparse.Namespace, work: Path, into: list | No
                 cores[kind].append((c1 - c0) / seconds if seconds > 0 else 0.0)
             rss_at[kind] = rss()
 
-        for r, paths in enumerate(sets):
-            for kind, api, kwargs in (
-                ("fresh", "/classify", lambda: classify_kwargs(paths, classes)),
-                ("again", "/classify", lambda: classify_kwargs(paths, classes)),
-                ("emb", "/embeddings", lambda: endpoint_kwargs(endpoints, "/embeddings", {
+        def measure_lazily(kind: str, api: str, make_kwargs: Callable[[], dict]) -> None:
+            measure(kind, api, make_kwargs())  # kwargs built inside attempt(): a missing endpoint is reported
+
+        for paths in sets:
+            for kind, api, make_kwargs in (
+                ("fresh", "/classify", partial(classify_kwargs, paths, classes)),
+                ("again", "/classify", partial(classify_kwargs, paths, classes)),
+                ("emb", "/embeddings", partial(endpoint_kwargs, endpoints, "/embeddings", {
                     "files": files_arg(paths), "classes_text": "\n".join(classes), "method": emb_method})),
-                ("att", "/attention", lambda: endpoint_kwargs(endpoints, "/attention", {
+                ("att", "/attention", partial(endpoint_kwargs, endpoints, "/attention", {
                     "files": files_arg(paths[:1]), "classes_text": "\n".join(classes)})),
             ):
                 if errs[kind] is None:
-                    errs[kind] = attempt(lambda: measure(kind, api, kwargs()))
+                    errs[kind] = attempt(partial(measure_lazily, kind, api, make_kwargs))
         for r, paths in enumerate(singles):
             if errs["big"] is None:
-                errs["big"] = attempt(lambda: measure("big", "/classify", classify_kwargs(paths, class_list(N_BIG_CLASSES, r))))
+                errs["big"] = attempt(partial(measure_lazily, "big", "/classify",
+                                              partial(classify_kwargs, paths, class_list(N_BIG_CLASSES, r))))
 
         extra = {k: {"app_cpu_s": cpu[k], "app_cores_used": cores[k]} for k in cpu}
         rows.append(make_row("Classify 8 new images × 8 classes", samples["fresh"], f8, "8 passes",

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # (setuptools' package-dir mapping, pyproject.toml). Only this package's own search path is extended.
 _SOURCE_TREE = Path(__file__).resolve().parent.parent
 if not (Path(__file__).resolve().parent / "app").is_dir() and (_SOURCE_TREE / "app" / "__init__.py").is_file():
-    __path__.append(str(_SOURCE_TREE))  # noqa: F821 (a package's __path__)
+    __path__.append(str(_SOURCE_TREE))
 
 _EXPORTS = {
     "Backbone": ".backbone",

@@ -8,14 +8,14 @@ code path the tests exercise is the one users run.
 from __future__ import annotations
 
 import importlib
-
 import logging
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch

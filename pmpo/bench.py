@@ -27,20 +27,34 @@ import dataclasses
 import os
 import platform
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from .backbone import Backbone, load_backbone
+
+# The configuration and cases (re-exported: the benchmark's API) and the memory child.
+from .bench_cases import (
+    DEVICE_DEFAULTS,
+    DTYPES,
+    TARGETS,
+    TRAIN_METHODS,
+    BenchConfig,
+    _make_model,
+    attention_kernels,
+    autocast,
+    bench_classnames,
+    compile_model,
+    interleaved_medians,
+    naive_text_features,
+    train_step,
+)
+from .bench_memory import measure_memory
 from .config import PMPOConfig, method_title
 from .device import resolve_device
 from .model import PMPOModel
-
-# The configuration and cases (re-exported: the benchmark's API) and the memory child.
-from .bench_cases import (DEVICE_DEFAULTS, DTYPES, TARGETS, TRAIN_METHODS, BenchConfig, _make_model, attention_kernels,
-                          autocast, bench_classnames, compile_model, interleaved_medians, naive_text_features, train_step)
-from .bench_memory import measure_memory
 
 __all__ = ["DEVICE_DEFAULTS", "DTYPES", "TARGETS", "TRAIN_METHODS", "BenchConfig", "BenchResult", "bench_classnames",
            "format_markdown", "machine_info", "minimal_parts", "naive_text_features", "run_bench"]
@@ -380,7 +394,7 @@ def format_markdown(result: BenchResult | dict[str, Any]) -> str:
                   "|---|---:|---:|---:|---:|---:|---|"]
         for t in r["text"]:
             timed = "" if t["naive_chunks_timed"] == t["naive_chunks_total"] else \
-                f" ¹"
+                " ¹"
             lines.append(f"| N = {t['n_prompts']} × C = {t['classes']} | {t['sequences']} | "
                          f"{t['naive_s']:.2f}{timed} ({t['naive_tokens']}) | {t['batched_s']:.2f} ({t['batched_tokens']}) | "
                          f"{t['speedup']:.1f}× | {t['max_abs_diff']:.1e} | {_mark(t)} |")

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,7 @@ class BenchConfig:
     parts_methods: tuple[str, ...] = ("pmpo", "maple")
     seed: int = 0
 
-    def resolved(self, device: torch.device) -> "BenchConfig":
+    def resolved(self, device: torch.device) -> BenchConfig:
         """This config with the device defaults filled in."""
         defaults = DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
         filled = {k: v for k, v in defaults.items() if getattr(self, k) == (-1 if k == "naive_max_chunks" else None)}

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Hashable, Sequence, Union
+from collections.abc import Hashable, Sequence
 
 import torch
 
-
-Value = Union[torch.Tensor, Sequence["Value"]]
+Value = torch.Tensor | Sequence["Value"]
 
 
 class TensorCache:

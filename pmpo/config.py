@@ -34,7 +34,8 @@ COUPLINGS = ("per_prompt", "shared", "per_layer", "independent")
 # ``datasets: {dtd: {templates: [...]}}`` (KgCoOp's DTD prior).
 PRESET_BLOCKS = ("protocols", "datasets")
 # Preset keys that are neither options nor blocks: ``reference`` (the authors' files), ``title`` (how
-# tables and the app name the method), ``app`` (offered in the demo's Train tab) and ``dataset_templates`` (false: the method classifies with its preset's templates on every dataset,
+# tables and the app name the method), ``app`` (offered in the demo's Train tab) and
+# ``dataset_templates`` (false: the method classifies with its preset's templates on every dataset,
 # as VPT's code does, instead of each dataset's own; applied by pmpo.recipes).
 PRESET_META = ("method", "reference", "title", "app", "dataset_templates")
 # Options added after checkpoints were first written, with the value that reproduces what those
@@ -176,7 +177,7 @@ class PMPOConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PMPOConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PMPOConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -184,7 +185,7 @@ class PMPOConfig:
         return cls(**data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> "PMPOConfig":
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> PMPOConfig:
         data = read_yaml_mapping(path, "model config")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
@@ -271,5 +272,7 @@ def preset_blocks(method: str, data: dict[str, Any] | None = None) -> dict[str, 
     return out
 
 
-__all__ = ["LEGACY_DEFAULTS", "PMPOConfig", "app_methods", "default_alpha", "list_methods", "method_title", "load_preset", "preset_blocks", "preset_file",
-           "read_method_preset", "template_pool"]
+__all__ = [
+    "LEGACY_DEFAULTS", "PMPOConfig", "app_methods", "default_alpha", "list_methods", "load_preset", "method_title",
+    "preset_blocks", "preset_file", "read_method_preset", "template_pool",
+]

@@ -7,8 +7,8 @@ means any open_clip ViT CLIP with a standard text transformer works.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn

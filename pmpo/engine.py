@@ -33,10 +33,11 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,12 +48,22 @@ from . import distributed as pdist
 from .checkpoint import save_checkpoint
 from .data.datasets import Datum
 from .data.loader import ImageDataset, load_image
-from .errors import InputError, PMPOError
 from .encoders import VisionOutput
+from .errors import InputError, PMPOError
 from .model import PMPOModel, clean_classnames
+
 # The run's configuration (re-exported: part of the engine's API) and its state on disk.
-from .train_config import (OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig, gpa_weights, load_train_config,
-                           load_train_preset, lr_at, train_preset_path)
+from .train_config import (
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULERS,
+    TrainConfig,
+    gpa_weights,
+    load_train_config,
+    load_train_preset,
+    lr_at,
+    train_preset_path,
+)
 from .train_state import data_fingerprint, restore_train_state, save_train_state
 
 LAST_CHECKPOINT = "last.safetensors"
@@ -389,7 +400,8 @@ def train(
             pdist.all_reduce_sum(stats)
             step_loss = float(stats[0] / stats[2])
             if not math.isfinite(step_loss):
-                last_good = str(ckpt_path) if ckpt_path is not None and epoch > 0 and ckpt_path.is_file() else "none (no epoch finished yet)"
+                finished = ckpt_path is not None and epoch > 0 and ckpt_path.is_file()
+                last_good = str(ckpt_path) if finished else "none (no epoch finished yet)"
                 raise NonFiniteLossError(
                     f"loss became {step_loss} at epoch {epoch + 1} step {s + 1}; last good checkpoint: {last_good}. "
                     "Lower the learning rate (--lr) or check the data"
@@ -505,6 +517,7 @@ def evaluate(
 
 
 __all__ = [
-    "OPTIMIZERS", "PRECISIONS", "SCHEDULERS", "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult", "cached_image_features", "evaluate", "gpa_weights", "load_train_config",
-    "load_train_preset", "lr_at", "plan_epoch", "train", "train_preset_path",
+    "OPTIMIZERS", "PRECISIONS", "SCHEDULERS", "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult",
+    "cached_image_features", "evaluate", "gpa_weights", "load_train_config", "load_train_preset", "lr_at", "plan_epoch",
+    "train", "train_preset_path",
 ]

@@ -36,7 +36,7 @@ def create_temp_beside(path: str | os.PathLike) -> tuple[int, str]:
     raise FileExistsError(f"no free temp file name beside {path}")
 
 
-def atomic_save_safetensors(tensors: dict[str, "torch.Tensor"], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Write to a temp file in the same folder, then rename: a crash never leaves a half file.
 
     The bytes are serialised in memory and written into :func:`create_temp_beside`'s file

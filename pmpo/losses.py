@@ -9,8 +9,9 @@ the order of this list, so the loss is the same sum, in the same order, for ever
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +32,14 @@ class Step:
     """What the terms of one training step read. The frozen CLIP's views (PromptSRC's teacher) are
     computed on first use, once per step, by whichever term asks first."""
 
-    model: "PMPOModel"
+    model: PMPOModel
     images: torch.Tensor | None
     labels: torch.Tensor
     classnames: Sequence[str]
     logits: torch.Tensor  # [B, C], the prompted model's
     feats: list[torch.Tensor]  # normalised image features, one [B, D] per image pass
     prompts: torch.Tensor | None  # [N, C, D], or [B, N, C, D] per image with a meta-net
-    cw: "ClassWeights"
+    cw: ClassWeights
 
     @functools.cached_property
     def teacher(self) -> torch.Tensor:

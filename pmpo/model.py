@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,7 @@ class PMPOModel(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp()
 
-    def train(self, mode: bool = True) -> "PMPOModel":
+    def train(self, mode: bool = True) -> PMPOModel:
         """The backbone stays in eval mode (no dropout, no patch dropout): it is frozen."""
         super().train(mode)
         self.clip.eval()
@@ -232,7 +232,7 @@ class PMPOModel(nn.Module):
         if self.prompts is None or self.prompts.ctx is None:
             raise InputError(f"method {self.cfg.method!r} learns no text context (n_prompts {self.cfg.n_prompts}, "
                              f"n_ctx {self.cfg.n_ctx}): there are no prompted class embeddings")
-        n, m = self.prompts.n_prompts, self.prompts.n_ctx
+        n = self.prompts.n_prompts
         tokens = self.prompt_tokens(classnames)  # [G, C, L]
         c = tokens.shape[1]
         eot = self.text.eot_positions(tokens.reshape(-1, tokens.shape[-1])).view(tokens.shape[0], c)

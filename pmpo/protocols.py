@@ -21,8 +21,8 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -199,7 +199,7 @@ def run_protocol(
         accuracy["all"], per_class["all"], n_test["all"] = r.accuracy, r.per_class, r.n
         eval_ips.append(r.images_per_s)
     target_acc: dict[str, float] = {}
-    for tname, tsplit in zip(targets, target_splits):
+    for tsplit in target_splits:
         r = evaluate(model, tsplit.test, tsplit.classnames, batch_size=bs, num_workers=nw,
                      templates=tsplit.templates if target_templates else None)
         target_acc[tsplit.name] = r.accuracy

@@ -33,7 +33,6 @@ from .errors import InputError
 from .io import read_yaml_mapping
 from .protocols import PROTOCOLS
 
-
 # templates_from when a preset's templates hold on every dataset (``dataset_templates: false``).
 OWN_TEMPLATES = "method preset (every dataset)"
 

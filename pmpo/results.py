@@ -13,9 +13,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from .data import BENCHMARK_DATASETS, harmonic_mean
 from .errors import InputError
@@ -81,7 +81,7 @@ class Stat:
     std: float | None = None
 
     @staticmethod
-    def of(values: Sequence[float]) -> "Stat":
+    def of(values: Sequence[float]) -> Stat:
         vals = [float(v) for v in values if v is not None]
         if not vals:
             return Stat(None)
@@ -143,7 +143,7 @@ def aggregate(results: Sequence[dict]) -> list[Row]:
         for r in runs:
             if r["seed"] in seen:
                 raise InputError(
-                    f"two results for {protocol}/{dataset}/{name} seed {r['seed']}: {seen[r['seed']]} and {r['_path'] if '_path' in r else '?'}"
+                    f"two results for {protocol}/{dataset}/{name} seed {r['seed']}: {seen[r['seed']]} and {r.get('_path', '?')}"
                 )
             seen[r["seed"]] = r.get("_path", "?")
         names = metric_names(protocol, [r for rs in groups.values() for r in rs if r["protocol"] == protocol])

@@ -76,7 +76,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (0 <= self.warmup_epochs, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (self.warmup_lr > 0, f"warmup_lr must be > 0, got {self.warmup_lr}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
@@ -95,7 +95,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:

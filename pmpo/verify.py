@@ -21,9 +21,10 @@ import dataclasses
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .children import run_child
 from .errors import InputError, PMPOError
@@ -344,9 +345,11 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] | None = None, quie
 def format_markdown(result: dict[str, Any]) -> str:
     """The table docs/RECIPES.md shows (one row per method)."""
     c = result["config"]
+    layers = f"{TINY_CFG['vision_cfg']['layers']} + {TINY_CFG['text_cfg']['layers']}"
+    model = f"tiny ({layers} layers, widths 768 / 512)" if c["model"] == TINY else c["model"]
     lines = [
         f"{c['total_steps']} optimiser steps ({c['epochs']} epochs × {c['steps_per_epoch']}: 1 warm-up epoch, then cosine), "
-        f"{c['classes']} classes, model {'tiny (' + str(TINY_CFG['vision_cfg']['layers']) + ' + ' + str(TINY_CFG['text_cfg']['layers']) + ' layers, widths 768 / 512)' if c['model'] == TINY else c['model']}, "
+        f"{c['classes']} classes, model {model}, "
         f"fp32, their fp16 casts: {c['their_fp16_casts']}; tolerance {c['tolerance']:g} (relative, learnable tensors)",
         "",
         "| method | repository@commit | their trainer, config | steps | batch | max param rel diff | final update rel diff "

@@ -29,18 +29,28 @@ import inspect
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
+from .children import child_main
 from .errors import InputError, PMPOError
 from .reference_bench import _check_sizes
-from .children import child_main
 from .verify import (
-    EXTRA_PACKAGES, SPECS, MethodSpec, Sizes, VerifyConfig, child_paths, our_model_overrides,
-    our_train_overrides, summarize, tensor_diff, their_opts, update_rel_diff,
+    EXTRA_PACKAGES,
+    SPECS,
+    MethodSpec,
+    Sizes,
+    VerifyConfig,
+    child_paths,
+    our_model_overrides,
+    our_train_overrides,
+    summarize,
+    tensor_diff,
+    their_opts,
+    update_rel_diff,
 )
-
 
 # --- their runtime ------------------------------------------------------------------------------
 
@@ -96,7 +106,7 @@ def their_extend_cfg(train_py: Path) -> Callable:
     if not fns:
         raise InputError(f"{train_py} has no extend_cfg(): not the train.py of a supported reference checkout")
     namespace: dict[str, Any] = {}
-    exec(compile(ast.Module(body=fns, type_ignores=[]), str(train_py), "exec"), namespace)  # noqa: S102
+    exec(compile(ast.Module(body=fns, type_ignores=[]), str(train_py), "exec"), namespace)
     return namespace["extend_cfg"]
 
 

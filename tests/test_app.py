@@ -12,15 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pmpo.app import attention, benchmarks, classify, embeddings, inputs
-from pmpo.app.features import image_digest, preprocess
+from pmpo import PMPOConfig, build_model, save_checkpoint
+from pmpo.app import attention, benchmarks, classify, embeddings, inputs, recipe, session, trainset
 from pmpo.app import examples as app_examples
 from pmpo.app import state as app_state
-from pmpo.app import recipe, session, trainset
 from pmpo.app import train as train_tab
 from pmpo.app.examples import example_images, label_from_filename
-from pmpo.app.state import UNTRAINED, AppState, BackboneSpec, LRU, open_state
-from pmpo import PMPOConfig, build_model, save_checkpoint
+from pmpo.app.features import image_digest, preprocess
+from pmpo.app.state import LRU, UNTRAINED, AppState, BackboneSpec, open_state
 from pmpo.errors import CheckpointError, InputError
 
 TEMPLATES = ["a photo of a {}."]
@@ -344,7 +343,7 @@ def test_attention_maps_per_segment(state, pictures):
     assert maps.classname == "blue square"
     assert len(maps.titles) == len(maps.cls_maps) == len(maps.text_maps) == n + 1
     assert all(m.shape == (4, 4) for m in maps.cls_maps + maps.text_maps)
-    assert all(0 <= m.min() and m.sum() <= 1 + 1e-5 for m in maps.cls_maps)
+    assert all(m.min() >= 0 and m.sum() <= 1 + 1e-5 for m in maps.cls_maps)
     mass = maps.layer_mass["prompted pass"]
     assert len(mass) == model.vision.n_layers and all(0 < v < 1 for v in mass)
     assert attention.maps_figure(maps) is not None and attention.mass_figure(maps) is not None
@@ -751,8 +750,9 @@ def test_attention_tab_scores_examples_against_their_masks(tmp_path):
     on_object = np.zeros((grid, grid))
     rows, cols = np.nonzero(masks.target)
     on_object[rows * grid // masks.target.shape[0], cols * grid // masks.target.shape[1]] = 1.0
-    maps = AttentionMaps("red circle", np.zeros((8, 8, 3), np.uint8), ["plain", "prompt 1"], [on_object, np.full((grid, grid), 0.5 / grid ** 2)],
-                         [on_object, on_object], [0.0, 0.0], {}, [(0, 0)], 1, [0.0, 0.5])
+    maps = AttentionMaps("red circle", np.zeros((8, 8, 3), np.uint8), ["plain", "prompt 1"],
+                         [on_object, np.full((grid, grid), 0.5 / grid ** 2)], [on_object, on_object], [0.0, 0.0], {},
+                         [(0, 0)], 1, [0.0, 0.5])
     table = truth_table(maps, masks)
     assert "| plain | 1.00 | 0.00 | 0.00 | yes |" in table and "Ground truth" in table
     last = table.splitlines()[-1]  # half the attention on prompts, the rest uniform over the patches

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_app_client import launch_app
 
 from pmpo.app.launcher import launch, stop
 from pmpo.app.trainset import FASHION_PER_CLASS
-from test_app_client import launch_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -101,7 +101,7 @@ def test_ten_concurrent_clients_get_their_own_answers(served, images):
 
     with ThreadPoolExecutor(max_workers=10) as pool:
         answers = list(pool.map(one, range(10)))
-    for i, (classes, (status, table, _, _, result)) in enumerate(answers):
+    for i, (classes, (status, _table, _, _, result)) in enumerate(answers):
         assert not status.startswith("**Error"), status
         assert result["classes"] == classes
         image = result["images"][0]

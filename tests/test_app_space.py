@@ -12,7 +12,7 @@ from pmpo import PMPOConfig, build_model, load_backbone, save_checkpoint
 from pmpo.app import examples as app_examples
 from pmpo.app import state as app_state
 from pmpo.app.launcher import launch, stop
-from pmpo.app.train import TrainLimits, TrainJobs
+from pmpo.app.train import TrainJobs, TrainLimits
 from pmpo.errors import InputError
 
 
@@ -110,8 +110,8 @@ def test_space_limit_stops_a_long_training_with_a_held_out_result(tiny_model, tm
     prompts and reports the held-out score; the page states the limits."""
     from gradio_client import Client, handle_file
 
-    from pmpo.app.trainset import FASHION_PER_CLASS
     from pmpo.app.fashion import fashion_images
+    from pmpo.app.trainset import FASHION_PER_CLASS
 
     proc, url, _ = launch(["--model", tiny_model, "--device", "cpu"], tmp_path / "app.log",
                           env={"PMPO_WARMUP": "0", "PMPO_CACHE_DIR": str(tmp_path / "cache"), "SPACE_ID": "test/pmpo",
@@ -177,9 +177,10 @@ def test_a_training_gives_way_to_requests_between_its_steps(tiny_model, tmp_path
     import threading
     import time
 
+    from test_app import _colour_set
+
     from pmpo.app import train as train_tab
     from pmpo.app import trainset
-    from test_app import _colour_set
 
     st = app_state.open_state(tiny_model, None, device="cpu", cache_dir=tmp_path / "cache", shipped_dir=tmp_path)
     items, names = trainset.items_from_table(_colour_set(tmp_path), None)
@@ -190,7 +191,7 @@ def test_a_training_gives_way_to_requests_between_its_steps(tiny_model, tmp_path
         while time.perf_counter() - held < 2.0:
             upd = next(run)
         steps_while_busy = len(upd.history)
-    for upd in run:
+    for _ in run:  # let the training finish
         pass
     assert steps_while_busy <= 1 and upd.done and len(upd.history) == upd.history[-1]["total_steps"], upd.status
     assert st.inference.wait_idle(0.1) < 0.1  # nothing left busy

@@ -19,7 +19,7 @@ def test_masks_agree_with_the_rendered_pixels(style):
         r = sw.render([obj], style, rng)
         target = r.masks.target
         pixels = r.image.astype(float)
-        drawn = target if style != "sketch" else target & (np.abs(pixels - pixels[~target].mean((0))).sum(-1) > 60)
+        drawn = target if style != "sketch" else target & (np.abs(pixels - pixels[~target].mean(0)).sum(-1) > 60)
         median = np.median(pixels[drawn], axis=0)  # noise, jitter and contrast aside: the object's colour
         assert np.abs(palette - median).sum(-1).argmin() == sw.COLOURS.index(obj.colour), (style, obj, median)
         # ...and its region is where the object is: the mask is the polygon, inside the image.

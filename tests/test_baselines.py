@@ -12,13 +12,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine import colours  # noqa: F401  (fixture)
 
 from pmpo import PMPOConfig, build_model, load_backbone, load_checkpoint, save_checkpoint
 from pmpo.engine import TrainConfig, gpa_weights, train
 from pmpo.errors import InputError
 from pmpo.prompts import PromptLearner
 from pmpo.recipes import resolve_recipe
-from test_engine import colours  # noqa: F401  (fixture)
 
 CLASSES = ["cat", "dog", "red car", "small bird"]
 NEW_METHODS = ("cocoop", "vpt", "ivlp", "promptsrc")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_engine import make_colour_tree
 
 from pmpo.cli import main
-from test_engine import make_colour_tree
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -309,7 +309,6 @@ def test_non_safetensors_is_refused(tmp_path):
 def test_weights_file_loads_through_open_clip(tmp_path, tiny_model, backbone):
     """A bare weights file + a model config: the path users take with downloaded .safetensors."""
     import open_clip
-
     from conftest import TINY_CFG
 
     name = "pmpo-test-tiny"
@@ -376,7 +375,7 @@ def test_hub_tag_without_network_loads_the_cached_file_without_flipping_offline_
     assert seen["pretrained"] == str(snapshot / "open_clip_model.safetensors")
     assert seen["force_preprocess_cfg"]["interpolation"] == "bicubic"  # the tag's preprocessing still applies
     assert seen["offline"] == offline and seen["env"] == env
-    assert constants.HF_HUB_OFFLINE == offline and dict(os.environ) == env
+    assert offline == constants.HF_HUB_OFFLINE and dict(os.environ) == env
 
 
 def test_openai_weights_get_quick_gelu():

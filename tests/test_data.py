@@ -19,10 +19,10 @@ import pmpo.data.fewshot as fewshot_mod
 from pmpo.data import (
     CLIP_MEAN,
     CLIP_STD,
+    MAX_IMAGE_PIXELS,
     DatasetSplits,
     Datum,
     ImageDataset,
-    MAX_IMAGE_PIXELS,
     build_dataset,
     build_transform,
     harmonic_mean,
@@ -520,8 +520,8 @@ def test_few_shot_before_subsample_on_real_loader(tmp_path):
 
 def test_clip_constants_match_open_clip():
     constants = pytest.importorskip("open_clip.constants")
-    assert CLIP_MEAN == tuple(constants.OPENAI_DATASET_MEAN)
-    assert CLIP_STD == tuple(constants.OPENAI_DATASET_STD)
+    assert tuple(constants.OPENAI_DATASET_MEAN) == CLIP_MEAN
+    assert tuple(constants.OPENAI_DATASET_STD) == CLIP_STD
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])

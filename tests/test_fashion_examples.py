@@ -9,16 +9,15 @@ import gzip
 import importlib.util
 import re
 import struct
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from PIL import Image
 
-from pmpo.app.fashion import (FASHION_CLASSES, FASHION_CREDIT, FASHION_DIR, FASHION_PER_CLASS, fashion_available,
-                              fashion_images)
 from pmpo.app.examples import label_from_filename
+from pmpo.app.fashion import FASHION_CLASSES, FASHION_CREDIT, FASHION_DIR, FASHION_PER_CLASS, fashion_available, fashion_images
 from pmpo.app.trainset import guess_label
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-
 PACKAGE = Path(__file__).resolve().parents[1] / "pmpo"
 # Folders beside the library that install inside it (pyproject.toml's package-dir mapping).
 MAPPED = {"app": "pmpo.app", "analysis": "pmpo.analysis", "checkpoints": "pmpo.checkpoints"}

@@ -185,7 +185,7 @@ def test_a_space_runs_from_the_uploaded_files_alone(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPACE_ID")}
     env.update(PMPO_WARMUP="0", PMPO_CACHE_DIR=str(tmp_path / "cache"), GRADIO_ANALYTICS_ENABLED="False")
-    log = open(tmp_path / "space.log", "w")
+    log = open(tmp_path / "space.log", "w")  # noqa: SIM115 (the app writes to it for its whole life)
     proc = subprocess.Popen([sys.executable, "app.py", "--model", "shapeworld-clip", "--port", str(port)], cwd=space,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -9,6 +9,7 @@ import pytest
 
 from pmpo import config
 from pmpo.config import app_methods, list_methods, load_preset, method_title, read_method_preset
+from pmpo.errors import InputError
 
 
 def test_every_preset_names_itself_and_says_whether_the_app_offers_it():
@@ -33,5 +34,5 @@ def test_the_app_and_the_benchmarks_follow_the_presets(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "METHOD_DIR", presets)
     assert "mycoop" in app_methods() and "vpt" not in app_methods()
     assert method_title("mycoop") == "MyCoOp"
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="gone"):
         read_method_preset("gone")

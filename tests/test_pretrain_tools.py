@@ -71,7 +71,6 @@ def test_attribute_targets_follow_the_scene(tool):
 
 
 def test_uncaptioned_scenes_get_their_own_heads(tool):
-    from pmpo.data import shapeworld as sw
 
     mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     x, captions, targets, text_only, _ = tool.make_batch(0, 0, 8, 0.0, mean, std, n_uncaptioned=4)
@@ -170,7 +169,7 @@ def test_recipe_check_refuses_a_shift_without_its_own_root(recipe_tool, capsys):
     assert recipe_tool.main(["--shift", "rotation=8", "--root", "/nonexistent"]) == 1
     err = capsys.readouterr().err
     assert "unknown key 'rotation'" in err and "rotation_deg" in err
-    assert sw.DOWNSTREAM_SHIFT == before
+    assert before == sw.DOWNSTREAM_SHIFT
 
 
 def test_context_leverage_measures_how_much_a_context_moves_the_class_features(tool):

@@ -46,7 +46,7 @@ def test_probe_picks_C_by_val_accuracy(monkeypatch):
     res = real(None, _items("train", 8), _items("val", 4), _items("test", 10), Cs=(0.01, 100.0))
     for C in (0.01, 100.0):
         seen.append(real(None, _items("train", 8), _items("val", 4), _items("test", 10), Cs=(C,)).val_accuracy)
-    assert res.val_accuracy == max(seen) and res.C == (0.01, 100.0)[int(np.argmax(seen))]
+    assert res.val_accuracy == max(seen) and (0.01, 100.0)[int(np.argmax(seen))] == res.C
 
 
 def test_probe_refuses_empty_splits():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 
 import pytest
+from test_engine import make_colour_tree
 
 from pmpo import PMPOConfig
 from pmpo.data import harmonic_mean
@@ -16,7 +16,6 @@ from pmpo.errors import InputError
 from pmpo.protocols import read_finished, run_protocol
 from pmpo.reference import base2new_reference
 from pmpo.results import aggregate, build_tables, dataset_average, load_results, render
-from test_engine import make_colour_tree
 
 
 @pytest.fixture(scope="module")

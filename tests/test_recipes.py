@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from test_engine import make_colour_tree
 
 from pmpo import PMPOConfig, build_model, load_backbone, load_checkpoint, save_checkpoint
 from pmpo.cli import main
@@ -17,7 +18,6 @@ from pmpo.commands.recipe import recipe_table
 from pmpo.errors import InputError
 from pmpo.io import atomic_save_safetensors
 from pmpo.recipes import resolve_recipe
-from test_engine import make_colour_tree
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,8 +21,17 @@ from pmpo.cli import build_parser, main
 from pmpo.commands.bench import reference_config
 from pmpo.errors import InputError
 from pmpo.reference_bench import (
-    REPOS, ReferenceBenchConfig, checkout_commit, format_reference_markdown, maple_design_details, our_overrides,
-    resolve_checkouts, run_method, run_reference_bench, their_trainer_node, validate_checkout,
+    REPOS,
+    ReferenceBenchConfig,
+    checkout_commit,
+    format_reference_markdown,
+    maple_design_details,
+    our_overrides,
+    resolve_checkouts,
+    run_method,
+    run_reference_bench,
+    their_trainer_node,
+    validate_checkout,
 )
 
 REFS = Path(os.environ.get("PMPO_REFERENCE_DIR", Path(__file__).resolve().parents[1].parent / "refs"))

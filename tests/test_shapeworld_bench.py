@@ -49,8 +49,8 @@ def test_sketch_is_a_test_only_target_with_the_same_classes(tmp_path):
     assert not (tmp_path / "shapeworld" / "downstream").exists()  # only the target is rendered
 
     # A sketch: white-ish paper, coloured outlines; nothing like the downstream renderings.
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     pixels = np.asarray(Image.open(sketch.test[0].path).convert("RGB"), dtype=np.float32)
     assert np.median(pixels) > 200

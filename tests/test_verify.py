@@ -22,11 +22,31 @@ from pmpo.cli import main
 from pmpo.errors import InputError, PMPOError
 from pmpo.reference_bench import REPOS
 from pmpo.verify import (
-    METHODS, SPECS, Sizes, VerifyConfig, child_paths, format_markdown, gpa_settings, needed_checkouts,
-    our_model_overrides, our_train_overrides, resolve_reference, summarize, tensor_diff, their_opts, update_rel_diff,
+    METHODS,
+    SPECS,
+    Sizes,
+    VerifyConfig,
+    child_paths,
+    format_markdown,
+    gpa_settings,
+    needed_checkouts,
+    our_model_overrides,
+    our_train_overrides,
+    resolve_reference,
+    summarize,
+    tensor_diff,
+    their_opts,
+    update_rel_diff,
 )
-from pmpo.verify_child import TheirRuntime, compare_training, learnable_pairs, our_tensor, scheduler_compat, set_opts, \
-    their_extend_cfg
+from pmpo.verify_child import (
+    TheirRuntime,
+    compare_training,
+    learnable_pairs,
+    our_tensor,
+    scheduler_compat,
+    set_opts,
+    their_extend_cfg,
+)
 
 REFS = Path(os.environ.get("PMPO_REFERENCE_DIR", Path(__file__).resolve().parents[1].parent / "refs"))
 GET_REFS = "; ".join(f"git clone {REPOS[k].url}" for k in ("coop", "dassl", "kgcoop", "maple", "promptsrc"))

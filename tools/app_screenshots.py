@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pmpo.app.launcher import launch, stop  # noqa: E402
 from pmpo.app.examples import EXAMPLE_TRAIN_PER_CLASS  # noqa: E402
+from pmpo.app.launcher import launch, stop  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

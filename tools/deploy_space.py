@@ -14,8 +14,8 @@ with the app's own rules, so a typo fails before anything is uploaded.
 One commit through ``huggingface_hub`` (already installed with open_clip): the Hub stores the
 offline model (17.6 MB) and any large or binary file through LFS/Xet itself, which a plain
 ``git push`` of this repository would not (the Hub refuses binary blobs over 10 MB). Only what the
-Space runs is uploaded: ``app.py``, the ``pmpo`` library (with its presets), ``app/``, ``analysis/``, ``checkpoints/`` (the offline model), the
-runtime ``requirements.txt`` and the README; never runs, data, virtual environments, tests or
+Space runs is uploaded: ``app.py``, the ``pmpo`` library (with its presets), ``app/``, ``analysis/``,
+``checkpoints/`` (the offline model), the runtime ``requirements.txt`` and the README; never runs, data, virtual environments, tests or
 caches. The Space gets its own ``.gitattributes`` (``SPACE_GITATTRIBUTES``) marking model files and
 images for LFS, so a later ``git clone`` of the Space works too.
 """
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         print(deploy(args.repo_id, private=args.private, hardware=hardware, variables=variables))
-    except Exception as exc:  # network, auth: one line, not a traceback
+    except Exception as exc:  # noqa: BLE001 network, auth: one line, not a traceback
         print(f"deploy_space: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
         return 1
     return 0

@@ -31,8 +31,8 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO))
 from pmpo.commands.sweep import MethodSpec, Sweep, load_sweep  # noqa: E402
 from pmpo.config import PMPOConfig  # noqa: E402
 from pmpo.data import build_dataset, harmonic_mean, sample_few_shot, subsample_classes  # noqa: E402
-from pmpo.engine import derive_seed, evaluate, load_train_preset, seeded_init, train  # noqa: E402
 from pmpo.data import shapeworld as sw  # noqa: E402
+from pmpo.engine import derive_seed, evaluate, load_train_preset, seeded_init, train  # noqa: E402
 from pmpo.errors import PMPOError  # noqa: E402
 from pmpo.model import build_model  # noqa: E402
 

@@ -8,9 +8,9 @@ import gradio as gr
 from pmpo.errors import PMPOError
 
 from .. import attention as attention_tab
+from ..examples import EXAMPLE_CLASSES, example_masks
 from ..inputs import as_list, display_name, file_path, load_images, parse_classes
 from ..page import PageContext, guarded, notices_md
-from ..examples import EXAMPLE_CLASSES, example_masks
 
 TITLE = "Per-depth attention"
 

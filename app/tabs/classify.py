@@ -19,7 +19,7 @@ def build(page: PageContext) -> None:
 
     @guarded(lambda message: (pd.DataFrame(), "", pd.DataFrame(), {"error": message}))
     def classify(files, classes_text, templates_text, checkpoint, top_k, bb_model, bb_pretrained, request: gr.Request,
-                 progress=gr.Progress()):
+                 progress=gr.Progress()):  # noqa: B008 (Gradio injects the tracker through this default)
         classes, templates = page.task(classes_text, templates_text)
         loaded = load_images(files)
         entry = page.resolve(bb_model, bb_pretrained, checkpoint, request)

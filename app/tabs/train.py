@@ -55,7 +55,7 @@ def build(page: PageContext) -> None:
                             else gr.update())
                 yield (("**Error:** " if upd.error else "") + upd.status, train_tab.progress_frame(upd.history, upd.report),
                        upd.report, upd.checkpoint, dropdown)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if not isinstance(exc, PMPOError):
                 log.exception("training failed")
             gr.Warning(error_text(exc))
@@ -72,7 +72,7 @@ def build(page: PageContext) -> None:
             n_images = sum(r[1] for r in rows)
             line = recipe.describe_estimate(state, BackboneSpec.of(bb_model, bb_pretrained), method, n_images,
                                             len(rows), int(epochs), limits.budget(time_budget))
-        except Exception as exc:  # noqa: BLE001 - an overview must never break the page
+        except Exception as exc:
             if not isinstance(exc, PMPOError):
                 log.exception("train overview failed")
             return pd.DataFrame(columns=trainset.SUMMARY_HEADERS), [], f"*{error_text(exc)}*"

@@ -34,7 +34,8 @@ def _analysis_module(name: str):
         return importlib.import_module(f"pmpo.analysis.{name}")
     except ModuleNotFoundError as exc:
         if exc.name in ("matplotlib", "sklearn", "umap", "pandas"):
-            raise InputError(f"analysis needs {exc.name}: pip install 'pmpo[analysis]' (in a checkout: pip install -e '.[analysis]')") from exc
+            raise InputError(f"analysis needs {exc.name}: pip install 'pmpo[analysis]' "
+                             "(in a checkout: pip install -e '.[analysis]')") from exc
         raise
 
 

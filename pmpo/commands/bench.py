@@ -9,8 +9,7 @@ from pathlib import Path
 
 from ..bench import DEVICE_DEFAULTS, DTYPES, TRAIN_METHODS, BenchConfig, format_markdown, run_bench
 from ..errors import InputError
-from ..reference_bench import PRECISIONS, ReferenceBenchConfig, format_reference_markdown, resolve_checkouts, \
-    run_reference_bench
+from ..reference_bench import PRECISIONS, ReferenceBenchConfig, format_reference_markdown, resolve_checkouts, run_reference_bench
 from . import SUMMARIES
 
 
@@ -30,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gpu, cpu = DEVICE_DEFAULTS["cuda"], DEVICE_DEFAULTS["cpu"]
 
     def both(key: str) -> str:
-        show = lambda v: "all" if v is None else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        def show(v) -> str:
+            return "all" if v is None else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
         return f"default: {show(gpu[key])} on GPU, {show(cpu[key])} on CPU"
     p = sub.add_parser(
         "bench",

@@ -9,8 +9,8 @@ import sys
 from .. import distributed as pdist
 from ..data import build_dataset, list_datasets, sample_few_shot, subsample_classes
 from ..engine import evaluate
-from .common import add_model_args, load_model_from_args
 from . import SUMMARIES
+from .common import add_model_args, load_model_from_args
 
 EPILOG = """\
 examples:

@@ -7,8 +7,8 @@ import json
 
 from ..data.loader import load_image
 from ..errors import InputError
-from .common import add_model_args, load_model_from_args, parse_classes
 from . import SUMMARIES
+from .common import add_model_args, load_model_from_args, parse_classes
 
 
 def register(sub: argparse._SubParsersAction) -> None:

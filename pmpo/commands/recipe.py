@@ -8,8 +8,8 @@ import json
 from ..config import list_methods
 from ..data import parse_shots, resolve_dataset_name
 from ..protocols import PROTOCOLS
-from .train import add_template_arg, add_train_args, recipe_from_args
 from . import SUMMARIES
+from .train import add_template_arg, add_train_args, recipe_from_args
 
 EPILOG = """\
 examples:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from .. import distributed as pdist
 from ..config import preset_file
 from ..data import parse_shots, resolve_dataset_name

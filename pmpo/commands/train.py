@@ -10,8 +10,8 @@ from ..data import list_datasets
 from ..errors import BackboneLoadError, InputError
 from ..protocols import PROTOCOLS, run_dir, run_protocol
 from ..train_config import OPTION_CHOICES, OPTION_HELP, option_type
-from .common import add_model_args, offline_fallback
 from . import SUMMARIES
+from .common import add_model_args, offline_fallback
 
 EPILOG = """\
 examples:

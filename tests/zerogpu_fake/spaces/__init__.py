@@ -68,7 +68,7 @@ def _finish(worker, stop) -> None:
     worker.join(30)
 
 
-def GPU(task=None, *, duration=None, size=None):  # noqa: N802 (the real package's name)
+def GPU(task=None, *, duration=None, size=None):
     if task is None:
         return lambda fn: GPU(fn, duration=duration, size=size)
     if not _on():
