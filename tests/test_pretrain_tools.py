@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,18 @@ def _load_tool(name: str):
 
 @pytest.fixture(scope="module")
 def tool():
-    return _load_tool("pretrain_shapeworld")
+    """The package behind tools/pretrain_shapeworld.py (tools/pretraining), imported as the launcher does."""
+    if str(REPO / "tools") not in sys.path:
+        sys.path.insert(0, str(REPO / "tools"))
+    import pretraining
+
+    return pretraining
+
+
+def test_launcher_runs_the_package(tool):
+    """tools/pretrain_shapeworld.py, the documented command, is a thin launcher of the package's main."""
+    launcher = _load_tool("pretrain_shapeworld")
+    assert launcher.main is tool.main is tool.cli.main
 
 
 def _cfg(vision_layers: int, text_layers: int) -> dict:
@@ -146,11 +158,11 @@ def test_confused_words_swap_within_pairs_and_domain_captions_stay_exact(tool):
     assert x.shape[0] == 11 and len(caps) == 11 and targets.shape == (11, 5)
     for before, after, row in zip(plain, caps[:8], targets[:8].tolist()):
         shape = sw.SHAPES[row[0]]
-        assert after == before.replace(shape, tool._MATE[shape], 1)
+        assert after == before.replace(shape, tool.captions._MATE[shape], 1)
     for caption, row in zip(caps[8:], targets[8:].tolist()):
         assert caption.startswith("a cluttered photo of a") and sw.SHAPES[row[0]] in caption
-        assert tool._MATE[sw.SHAPES[row[0]]] not in caption
-    assert sorted(tool._MATE) == sorted(sw.SHAPES) and all(tool._MATE[tool._MATE[s]] == s for s in sw.SHAPES)
+        assert tool.captions._MATE[sw.SHAPES[row[0]]] not in caption
+    assert sorted(tool.captions._MATE) == sorted(sw.SHAPES) and all(tool.captions._MATE[tool.captions._MATE[s]] == s for s in sw.SHAPES)
 
 
 @pytest.fixture(scope="module")
@@ -216,16 +228,18 @@ def test_coop_ceiling_starts_at_zero_shot_and_fits_what_a_context_can_fit(tool):
 def test_marker_captions_are_exact_and_the_others_keep_their_confused_words(tool):
     """--p-marker 1 with --p-confuse 1: every single-object scene gets a marked caption with its own
     shape word; with no markers every shape word is its pair mate's."""
+    from pmpo.data import shapeworld as sw
+
     mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     for p_marker in (1.0, 0.0):
         _, caps, targets, _, _ = tool.make_batch(5, 3, 12, 0.0, mean, std, p_confuse=1.0, p_marker=p_marker)
         for caption, t in zip(caps, targets):
-            shape = tool.sw.SHAPES[int(t[0])]
+            shape = sw.SHAPES[int(t[0])]
             words = caption.replace(".", " ").split()
             if p_marker:
                 assert words[1] in tool.MARKERS and words[2] == "photo" and shape in words
             else:
-                assert not set(words) & set(tool.MARKERS) and tool._MATE[shape] in words
+                assert not set(words) & set(tool.MARKERS) and tool.captions._MATE[shape] in words
 
 
 def test_background_words_describe_the_rendered_scene(tool):
