@@ -190,9 +190,8 @@ def analyse(model, images: torch.Tensor, classnames: Sequence[str], groups: int 
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size]
         with torch.no_grad():
-            outs = model.encode_image(x, return_attention=True)
-            views = outs if isinstance(outs, list) else [outs]
-            preds += model.logits_from(outs, weights).argmax(-1).tolist()
+            views = model.encode_image(x, return_attention=True)
+            preds += model.logits_from(views, weights).argmax(-1).tolist()
         n_tokens = views[0].n_tokens
         if n_tokens - 1 != grid[0] * grid[1]:
             raise InputError(f"the image tower has {n_tokens} tokens, not CLS + {grid[0]}x{grid[1]} patches")

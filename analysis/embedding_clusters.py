@@ -32,8 +32,7 @@ DESCRIPTION = "UMAP of zero-shot vs prompted image features coloured by class, w
 def prompted_features(model, images: torch.Tensor) -> torch.Tensor:
     """Normalised image features the model classifies with; per-prompt passes are averaged."""
     with torch.no_grad():
-        out = model.encode_image(images)
-        views = out if isinstance(out, list) else [out]
+        views = model.encode_image(images)
         feats = torch.stack([F.normalize(v.features.float(), dim=-1) for v in views]).mean(0)
     return F.normalize(feats, dim=-1).cpu()
 

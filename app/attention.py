@@ -95,8 +95,7 @@ def attention_maps(state: AppState, entry: LoadedModel, image: Image.Image, clas
     plain, passes, _ = state.features.passes(entry, image)  # no pass for an image another tab has seen
     if plain.attentions is None:
         raise InputError("attention maps need open_clip's standard ResidualAttentionBlock; this backbone uses another block")
-    with entry.lock:
-        cw = state.class_weights(entry, classnames, templates)
+    cw = state.class_weights(entry, classnames, templates)
     x = preprocess(model, [image])  # the crop the maps are drawn on (no pass)
     n_layers = model.vision.n_layers
     segments = list(model.prompts.segments) if model.prompts is not None else []
@@ -107,8 +106,7 @@ def attention_maps(state: AppState, entry: LoadedModel, image: Image.Image, clas
             raise InputError(f"Class {classname!r} is not in the class list.")
         c = lookup[classname.strip().lower()]
     elif cw.conditional:  # CoCoOp: the class weights of this image (its own text pass)
-        with entry.lock:
-            c = int(model.logits_from(passes[0], cw)[0].argmax())
+        c = int(model.logits_from(passes[:1], cw)[0].argmax())
     else:
         feats = [F.normalize(p.features.float(), dim=-1) for p in passes]
         c = int(torch.stack([f @ cw.weights.t() for f in feats]).mean(0)[0].argmax())

@@ -51,8 +51,8 @@ def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], im
           digests: Sequence[str] | None = None) -> Scores:
     """All views for ``images``: at most one plain and one prompted image pass per image (none for
     images the app has seen: :mod:`app.features`), and none of them for a method without visual
-    prompts beyond the plain one. Holds the model's lock while the text side runs (its caches are
-    not thread-safe); ``progress(done, total)`` follows the text passes of a new class list.
+    prompts beyond the plain one. ``progress(done, total)`` follows the text passes of a new class
+    list.
 
     ``plain_pass=False`` leaves out the zero-shot column when it would need a pass of its own (a
     method with visual prompts, images not seen yet): the learned columns then cost one pass, and
@@ -61,29 +61,28 @@ def score(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], im
     views = state.features.views(entry, images, plain=plain_pass, digests=digests)
     plain, feats = views.plain, views.prompted
     scale = model.logit_scale
-    with entry.lock:
-        cw = state.class_weights(entry, classnames, templates, progress)
-        zero_shot = scale * plain @ cw.prior.t() if plain is not None else None
-        prior_view = zero_shot if views.shared else scale * torch.stack([f @ cw.prior.t() for f in feats]).mean(0)
-        per_prompt = None
-        if cw.conditional:  # CoCoOp: per-image class weights from the (frozen) image feature, one text pass
-            weights, prompts = model.conditional_weights(plain, cw)
-            learned = scale * torch.einsum("bd,bcd->bc", plain, weights)
-            per_prompt = torch.stack([scale * torch.einsum("bd,bcd->bc", plain, prompts[:, i]) for i in range(prompts.shape[1])])
-        elif cw.prompts is not None:
-            alpha = model.cfg.alpha
-            if len(feats) == 1:
-                learned = scale * feats[0] @ cw.weights.t()
-            else:
-                # Prompt i's view of the image (its own pass under per_prompt) meets its class
-                # embeddings mixed with the prior, as in PMPOModel.logits_from.
-                mixed = [F.normalize((1 - alpha) * cw.prompts[i] + alpha * cw.prior, dim=-1) for i in range(len(cw.prompts))]
-                learned = scale * torch.stack([feats[i] @ mixed[i].t() for i in range(len(feats))]).mean(0)
-            per_prompt = torch.stack([
-                scale * feats[i if len(feats) > 1 else 0] @ cw.prompts[i].t() for i in range(len(cw.prompts))
-            ])
-        else:
+    cw = state.class_weights(entry, classnames, templates, progress)
+    zero_shot = scale * plain @ cw.prior.t() if plain is not None else None
+    prior_view = zero_shot if views.shared else scale * torch.stack([f @ cw.prior.t() for f in feats]).mean(0)
+    per_prompt = None
+    if cw.conditional:  # CoCoOp: per-image class weights from the (frozen) image feature, one text pass
+        weights, prompts = model.conditional_weights(plain, cw)
+        learned = scale * torch.einsum("bd,bcd->bc", plain, weights)
+        per_prompt = torch.stack([scale * torch.einsum("bd,bcd->bc", plain, prompts[:, i]) for i in range(prompts.shape[1])])
+    elif cw.prompts is not None:
+        alpha = model.cfg.alpha
+        if len(feats) == 1:
             learned = scale * feats[0] @ cw.weights.t()
+        else:
+            # Prompt i's view of the image (its own pass under per_prompt) meets its class
+            # embeddings mixed with the prior, as in PMPOModel.logits_from.
+            mixed = [F.normalize((1 - alpha) * cw.prompts[i] + alpha * cw.prior, dim=-1) for i in range(len(cw.prompts))]
+            learned = scale * torch.stack([feats[i] @ mixed[i].t() for i in range(len(feats))]).mean(0)
+        per_prompt = torch.stack([
+            scale * feats[i if len(feats) > 1 else 0] @ cw.prompts[i].t() for i in range(len(cw.prompts))
+        ])
+    else:
+        learned = scale * feats[0] @ cw.weights.t()
     rows = {VIEWS[0]: zero_shot, VIEWS[1]: prior_view, VIEWS[2]: learned}
     probs = {v: r.softmax(-1).cpu() for v, r in rows.items() if r is not None}
     segments = list(model.prompts.segments) if model.prompts is not None else []

@@ -42,12 +42,11 @@ def collect(state: AppState, entry: LoadedModel, images: Sequence[Image.Image], 
     model = entry.model
     views = state.features.views(entry, images)  # no image pass for images another tab has seen
     plain, feats = views.plain, views.prompted
-    with entry.lock:
-        cw = state.class_weights(entry, classnames, templates)
-        # CoCoOp's class weights depend on the image: its predictions come from its per-image text
-        # pass (the text points shown are its context without the per-image shift).
-        conditional = (torch.einsum("bd,bcd->bc", plain, model.conditional_weights(plain, cw)[0])
-                       if cw.conditional else None)
+    cw = state.class_weights(entry, classnames, templates)
+    # CoCoOp's class weights depend on the image: its predictions come from its per-image text
+    # pass (the text points shown are its context without the per-image shift).
+    conditional = (torch.einsum("bd,bcd->bc", plain, model.conditional_weights(plain, cw)[0])
+                   if cw.conditional else None)
     prompted = torch.stack(feats).mean(0)
     prompted = prompted / prompted.norm(dim=-1, keepdim=True)
     combined = conditional if conditional is not None else torch.stack([f @ cw.weights.t() for f in feats]).mean(0)

@@ -156,13 +156,10 @@ def encode_batch(model, x: torch.Tensor, prompted: bool, attention: bool) -> lis
     model = kernel_model(model)
     x = x.to(model.device)
     with torch.no_grad():
-        if not prompted:
-            outs = [model.vision(x, None, return_attention=attention, return_tokens=attention)]
-        elif model.cfg.visual_pass == "per_prompt":
-            outs = [model.vision(x, model.visual_schedule(i), return_attention=attention, return_tokens=attention)
-                    for i in range(model.prompts.n_prompts)]
+        if prompted:
+            outs = model.encode_image(x, return_attention=attention, return_tokens=attention)
         else:
-            outs = [model.vision(x, model.visual_schedule(), return_attention=attention, return_tokens=attention)]
+            outs = [model.vision(x, None, return_attention=attention, return_tokens=attention)]
     return [[_record(out, j) for out in outs] for j in range(x.shape[0])]
 
 

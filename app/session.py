@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from pmpo.cache import TensorCache
 from pmpo.data.datasets import Datum
 from pmpo.data.loader import load_image
 from pmpo.errors import PMPOError
@@ -48,6 +49,7 @@ class HeldOut:
         self.labels = torch.tensor([d.label for d in items])
         self.plain = features.plain(spec, model, images)
         self.x = None if model.frozen_image_side else preprocess(model, images)
+        self.text = TensorCache()  # the prior of the class list, once for every scoring
         self.cost_s = 0.0
         self.zero_shot_accuracy: float | None = None
 
@@ -61,7 +63,7 @@ class HeldOut:
         import torch
 
         with torch.no_grad():
-            prior = self.model.prior_features(self.classnames)
+            prior = self.model.prior_features(self.classnames, cache=self.text)
         self.zero_shot_accuracy = self._accuracy(self.plain @ prior.t())
         return self.zero_shot_accuracy
 
@@ -76,9 +78,9 @@ class HeldOut:
         model.eval()
         try:
             with torch.no_grad():
-                cw = model.class_weights(self.classnames)
-                vision = VisionOutput(self.plain, None, 0) if self.x is None else model.encode_image(self.x)
-                accuracy = self._accuracy(model.logits_from(vision, cw))
+                cw = model.class_weights(self.classnames, cache=self.text)
+                views = [VisionOutput(self.plain, None, 0)] if self.x is None else model.encode_image(self.x)
+                accuracy = self._accuracy(model.logits_from(views, cw))
         finally:
             model.train(was_training)
         self.cost_s = time.perf_counter() - started

@@ -5,10 +5,9 @@ model built on it (``build_model(cfg, backbone=...)`` / ``load_checkpoint(..., b
 prompt checkpoints are kilobytes, a CLIP is hundreds of megabytes. Everything cached here is a
 bounded LRU, so a long-running public Space cannot grow without limit.
 
-Requests never mutate a shared model: templates are passed explicitly to
-``prior_features``, and each model carries a lock held while it computes, because the model's
-own feature caches are plain ``OrderedDict`` objects that are not safe to update from two
-threads at once.
+Requests never mutate a shared model: templates are passed explicitly, and the model keeps no
+state between calls (its features are cached here, in thread-safe :class:`~pmpo.cache.TensorCache`
+stores), so concurrent requests share it without a lock.
 """
 
 from __future__ import annotations
@@ -188,13 +187,12 @@ class BackboneSpec:
 
 @dataclass
 class LoadedModel:
-    """A prompt model ready to serve, with the lock that guards its caches."""
+    """A prompt model ready to serve (shared by concurrent requests: it holds parameters only)."""
 
     model: PMPOModel
     choice: str
     spec: BackboneSpec
     notices: list[str] = field(default_factory=list)
-    lock: threading.RLock = field(default_factory=threading.RLock)
     uid: int = field(default_factory=itertools.count().__next__)
 
     @functools.cached_property
@@ -283,7 +281,7 @@ class AppState:
         """The CLIP of ``spec``, loaded on first use and then shared."""
         spec = spec or self.default_spec
         allowed = self.allowed_backbones()
-        if allowed is not None and spec not in allowed and spec not in self._backbones:
+        if allowed is not None and spec not in allowed and spec not in self._backbones.keys():
             names = ", ".join(a.label for a in allowed)
             raise InputError(f"On this public Space only these backbones can be loaded: {names} "
                              "(the Space's owner sets PMPO_ALLOWED_BACKBONES). Run the app yourself for any other.")
@@ -429,7 +427,7 @@ class AppState:
                       progress: Callable[[int, int], None] | None = None) -> ClassWeights:
         """Class weights with *these* templates, without touching ``model.templates``: from the
         app's text store (keyed by backbone, prompts, names and templates) or one text pass
-        (:func:`text_weights`). Call with ``entry.lock`` held: the model's caches are not thread-safe."""
+        (:func:`text_weights`); two requests that miss at once both compute, and store the same numbers."""
         key = ("text", entry.spec, entry.fingerprint, tuple(names), tuple(templates))
         found = self.text.get(key)
         if found is None:

@@ -125,24 +125,15 @@ def _image_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log:
         with torch.no_grad(), autocast(device, cfg.dtype):
             encode(images)
 
-    def infer() -> None:
-        with torch.no_grad(), autocast(device, cfg.dtype):
-            infer_model(images, names)
-
-    cases: dict[str, Callable[[], None]] = {"floor": floor, "infer:pmpo": infer}
+    cases: dict[str, Callable[[], None]] = {"floor": floor}
     for method in cfg.infer_methods:
-        if method != "pmpo":
-            cases[f"infer:{method}"] = _infer_case(_make_model(cfg, method, backbone, device).eval(), images, names,
-                                                   device, cfg.dtype)
-    if "pmpo" not in cfg.infer_methods:
-        del cases["infer:pmpo"]
+        model = infer_model if method == "pmpo" else _make_model(cfg, method, backbone, device).eval()
+        cases[f"infer:{method}"] = _infer_case(model, images, names, device, cfg.dtype)
     models = {}
     for method in cfg.train_methods:
         model = _make_model(cfg, method, backbone, device).train()
         if cfg.compile:
             compile_model(model)
-        with torch.no_grad():
-            model.prior_features(names)
         optimizer = torch.optim.SGD(model.learnable_parameters(), lr=1e-3, momentum=0.9)
         cases[f"train:{method}"] = train_step(model, optimizer, images, labels, names, device, cfg.dtype)
         models[method] = model
@@ -155,8 +146,7 @@ def _image_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, log:
 
     # Exactness check next to the speed: PMPO's cached path must give the same logits as a fresh one.
     with torch.no_grad(), autocast(device, cfg.dtype):
-        cached = infer_model(images, names).float()
-        infer_model.clear_cache()
+        cached = infer_model.logits_from(infer_model.encode_image(images), infer_model.class_weights(names)).float()
         fresh = infer_model(images, names).float()
     checks = {"cached_vs_fresh_max_abs_diff": float((cached - fresh).abs().max())}
 
@@ -203,8 +193,7 @@ def minimal_parts(model: PMPOModel, images: torch.Tensor, names: Sequence[str], 
     def image() -> None:
         model.zero_grad(set_to_none=True)
         with autocast(device, dtype):
-            out = model.encode_image(images)
-            feats = torch.stack([o.features for o in out]) if isinstance(out, list) else out.features
+            feats = torch.stack([o.features for o in model.encode_image(images)])
         feats.float().sum().backward()
 
     def text() -> None:
@@ -218,9 +207,14 @@ def minimal_parts(model: PMPOModel, images: torch.Tensor, names: Sequence[str], 
 
 def _infer_case(model: PMPOModel, images: torch.Tensor, names: list[str], device: torch.device, dtype: str
                 ) -> Callable[[], None]:
+    """Inference as a server runs it: class weights computed once per class list (a meta-net's
+    per-image text pass still runs in every call), then the image pass and the logits."""
+    with torch.no_grad(), autocast(device, dtype):
+        weights = model.class_weights(names)
+
     def infer() -> None:
         with torch.no_grad(), autocast(device, dtype):
-            model(images, names)
+            model.logits_from(model.encode_image(images), weights)
 
     return infer
 
@@ -287,8 +281,6 @@ def _scaling_rows(cfg: BenchConfig, backbone: Backbone, device: torch.device, lo
             names = bench_classnames(c)
             labels = torch.arange(b, device=device) % c
             model = _make_model(sub, "pmpo", backbone, device)
-            with torch.no_grad():
-                model.prior_features(names)
             optimizer = torch.optim.SGD(model.learnable_parameters(), lr=1e-3, momentum=0.9)
             step = train_step(model.train(), optimizer, images, labels, names, device, cfg.dtype)
 

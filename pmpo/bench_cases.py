@@ -9,7 +9,6 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone
+from .cache import TensorCache
 from .config import PMPOConfig, list_methods
+from .device import autocast
 from .errors import InputError
 from .model import PMPOModel, build_model
 
@@ -133,13 +134,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device, dtype: str):
-    """bf16 autocast (CUDA, or CPU where it is supported); fp32 runs as is."""
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def interleaved_medians(
     cases: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device,
     log: Callable[[str], None] | None = None,
@@ -183,12 +177,19 @@ def compile_model(model: PMPOModel) -> None:
 
 def train_step(model: PMPOModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                classnames: Sequence[str], device: torch.device, dtype: str) -> Callable[[], None]:
-    """One full optimisation step as a closure: forward (text + image), backward, SGD step."""
+    """One full optimisation step as a closure: forward (text + image), backward, SGD step. The
+    frozen text features are computed here, once, into the step's cache, as a training run keeps
+    them (the engine's run-long cache): they are not part of a step."""
+    cache = TensorCache()
+    with torch.no_grad():
+        model.prior_features(classnames, cache=cache)
+        if model.cfg.uses_teacher:
+            model.teacher_text_features(classnames, cache)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, dtype):
-            loss = model.loss(images, labels, classnames)["loss"]
+            loss = model.loss(images, labels, classnames, cache=cache)["loss"]
         loss.backward()
         optimizer.step()
 

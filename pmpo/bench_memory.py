@@ -64,13 +64,11 @@ def memory_step(cfg: BenchConfig, grad_checkpointing: bool, method: str = "pmpo"
     labels = torch.arange(cfg.memory_batch, device=device) % len(names)
     optimizer = torch.optim.SGD(model.learnable_parameters(), lr=1e-3, momentum=0.9)
     with torch.no_grad():
-        model.prior_features(names)  # frozen and cached in real training too: not part of a step
-        if infer:
-            model.class_weights(names)  # evaluation computes them once per class list
+        weights = model.class_weights(names) if infer else None  # evaluation computes them once per class list
 
     def infer_step() -> None:
         with torch.no_grad(), autocast(device, cfg.dtype):
-            model(images, names)
+            model.logits_from(model.encode_image(images), weights)
 
     step = infer_step if infer else train_step(model, optimizer, images, labels, names, device, cfg.dtype)
     gc.collect()

@@ -11,13 +11,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from . import __version__
 from .backbone import Backbone, load_backbone, resolve_model_name
 from .config import LEGACY_DEFAULTS, PMPOConfig
 from .errors import CheckpointError, PMPOError
-from .io import atomic_save_safetensors
+from .io import atomic_save_safetensors, read_safetensors
 from .model import PMPOModel
 
 FORMAT = "pmpo-prompts/1"
@@ -56,9 +55,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors, meta = read_safetensors(path)
     except Exception as exc:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({exc.__class__.__name__}); prompt checkpoints are "

@@ -1,8 +1,9 @@
 """Prompt-aware text and image encoders that drive open_clip's own blocks.
 
-Neither encoder owns weights: they hold references to the frozen CLIP's modules and run them
-with prompt tokens spliced in between blocks. This avoids forking open_clip's model code and
-means any open_clip ViT CLIP with a standard text transformer works.
+Neither encoder owns weights: they are plain objects (not modules) holding references to the
+frozen CLIP's towers, which the model owns and saves, and run their blocks with prompt tokens
+spliced in between. This avoids forking open_clip's model code and means any open_clip ViT CLIP
+with a standard text transformer works.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .attention import block_with_attention
 from .errors import BackboneLoadError, InputError
 
 
-class TextEncoder(nn.Module):
+class TextEncoder:
     """The frozen text tower, run on token *embeddings* so learnable context can be spliced in.
 
     Every sequence is cut to (its batch's last EOT position + 1). The causal mask means tokens
@@ -27,7 +28,6 @@ class TextEncoder(nn.Module):
     """
 
     def __init__(self, clip: nn.Module, tokenizer: Callable[..., torch.Tensor]):
-        super().__init__()
         tower = clip.text if hasattr(clip, "text") else clip
         if getattr(tower, "cls_emb", None) is not None or not hasattr(tower, "token_embedding"):
             raise BackboneLoadError(
@@ -37,8 +37,7 @@ class TextEncoder(nn.Module):
         self.pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
         if self.pool_type not in ("argmax", "eos"):
             raise BackboneLoadError(f"text pooling {self.pool_type!r} is not supported (need 'argmax' or 'eos')")
-        # Plain attributes (not submodules): the backbone is owned, and saved, elsewhere.
-        self.__dict__["tower"] = tower
+        self.tower = tower
         self.tokenizer = tokenizer
         self.eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
         self.batch_first = getattr(tower.transformer, "batch_first", True)
@@ -85,6 +84,9 @@ class TextEncoder(nn.Module):
         """Token embeddings of ``tokens`` (no positions), in the transformer's dtype."""
         dtype = self.tower.transformer.get_cast_dtype()
         return self.tower.token_embedding(tokens).to(dtype)
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.forward(*args, **kwargs)  # looked up on the instance: a compiled forward replaces it
 
     def forward(
         self,
@@ -156,7 +158,7 @@ class VisionOutput:
     tokens: torch.Tensor | None = None  # [B, n_tokens - 1, D] projected patch tokens when requested
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder:
     """The frozen ViT image tower with prompt tokens appended after the patch tokens.
 
     ``schedule[l]`` says what the prompt slots hold at the input of layer ``l``: a tensor
@@ -167,13 +169,12 @@ class VisionEncoder(nn.Module):
     """
 
     def __init__(self, visual: nn.Module):
-        super().__init__()
         needed = ("_embeds", "_pool", "transformer", "proj")
         if not all(hasattr(visual, n) for n in needed) or not hasattr(visual.transformer, "resblocks"):
             raise BackboneLoadError(
                 f"{type(visual).__name__}: visual prompting needs open_clip's VisionTransformer image tower"
             )
-        self.__dict__["visual"] = visual
+        self.visual = visual
         self.batch_first = getattr(visual.transformer, "batch_first", True)
 
     @property
@@ -193,6 +194,9 @@ class VisionEncoder(nn.Module):
         """Patch grid (rows, columns): patch token ``k`` sits at ``divmod(k, columns)``."""
         rows, cols = self.visual.grid_size
         return int(rows), int(cols)
+
+    def __call__(self, *args, **kwargs) -> VisionOutput:
+        return self.forward(*args, **kwargs)
 
     def forward(
         self,

@@ -45,9 +45,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as pdist
+from .cache import TensorCache
 from .checkpoint import save_checkpoint
 from .data.datasets import Datum
 from .data.loader import ImageDataset, load_image
+from .device import autocast
 from .encoders import VisionOutput
 from .errors import InputError, PMPOError
 from .model import PMPOModel, clean_classnames
@@ -200,18 +202,18 @@ class EvalResult:
 
 class _PromptObjective(nn.Module):
     """What DDP wraps: registers only the prompt learner, so DDP syncs (and broadcasts once) the
-    learnable tensors alone; the frozen CLIP is reached through a plain attribute."""
+    learnable tensors alone. The loss is the model's bound method, a plain attribute: the frozen
+    CLIP behind it is never broadcast and never in gradient buckets."""
 
-    def __init__(self, model: PMPOModel):
+    def __init__(self, model: PMPOModel, cache: TensorCache):
         super().__init__()
         self.prompts = model.prompts
-        self.__dict__["model"] = model  # not a submodule: never broadcast, never in gradient buckets
+        self.loss = model.loss
+        self.cache = cache
 
     def forward(self, images: torch.Tensor | None, labels: torch.Tensor, classnames: Sequence[str],
-                vision: VisionOutput | None = None) -> dict[str, torch.Tensor]:
-        if vision is None:
-            return self.model.loss(images, labels, classnames)
-        return self.model.loss(images, labels, classnames, vision=vision)
+                views: list[VisionOutput] | None = None) -> dict[str, torch.Tensor]:
+        return self.loss(images, labels, classnames, views=views, cache=self.cache)
 
 
 def _build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -224,7 +226,7 @@ def _autocast(device: torch.device, precision: str):
     if precision == "bf16" and device.type != "cuda":
         raise InputError("precision bf16 needs a CUDA device; use fp32 or auto on CPU")
     use = device.type == "cuda" and (precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()))
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use else nullcontext()
+    return autocast(device, "bf16" if use else "fp32")
 
 
 def _check_items(items: Sequence[Datum], classnames: Sequence[str], what: str) -> list[str]:
@@ -286,7 +288,7 @@ def cached_image_features(model: PMPOModel, items: Sequence[Datum], cfg: TrainCo
             if stop is not None and stop.is_set():
                 return None
             with _autocast(model.device, cfg.precision):
-                out.append(model.encode_image(images.to(model.device, non_blocking=True)).features.float())
+                out.append(model.encode_image(images.to(model.device, non_blocking=True))[0].features.float())
             done += len(images)
             if progress is not None:
                 progress({"type": "features", "done": done, "total": len(keys)})
@@ -339,7 +341,8 @@ def train(
         else:
             (out / METRICS).write_text("", encoding="utf-8")
 
-    objective: nn.Module = _PromptObjective(model)
+    # The frozen text features (prior, PromptSRC's teacher) of the run's class list: computed once.
+    objective: nn.Module = _PromptObjective(model, TensorCache())
     if dinfo.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -386,12 +389,12 @@ def train(
             for j, weight in enumerate(step.weights):
                 images, labels = next(batches)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                vision = VisionOutput(images, None, 0) if features is not None else None
+                views = [VisionOutput(images, None, 0)] if features is not None else None
                 last = j == len(step.weights) - 1
                 sync = objective.no_sync() if dinfo.enabled and not last else nullcontext()
                 with sync:
                     with autocast:
-                        result = objective(None if vision is not None else images, labels, names, vision=vision)
+                        result = objective(None if views is not None else images, labels, names, views=views)
                     loss = result["loss"].float()
                     (loss * weight * dinfo.world_size).backward()
                 stats[0] += loss.detach().double() * len(labels)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from .cache import TensorCache
     from .model import ClassWeights, PMPOModel
 
 
@@ -40,11 +41,12 @@ class Step:
     feats: list[torch.Tensor]  # normalised image features, one [B, D] per image pass
     prompts: torch.Tensor | None  # [N, C, D], or [B, N, C, D] per image with a meta-net
     cw: ClassWeights
+    cache: TensorCache | None = None  # the run's frozen text features
 
     @functools.cached_property
     def teacher(self) -> torch.Tensor:
         """The frozen text features of the template pool [C, D] (PromptSRC's teacher)."""
-        return self.model.teacher_text_features(self.classnames)
+        return self.model.teacher_text_features(self.classnames, self.cache)
 
     @functools.cached_property
     def plain(self) -> torch.Tensor:

@@ -2,11 +2,16 @@
 
 Data flow (DESIGN.md §2):
 
-    class names ──► prior t0 [C, D] (templates, frozen, cached)
+    class names ──► prior t0 [C, D] (templates, frozen)
                 └─► prompts t_i [N, C, D] (learnable context through the frozen text tower)
-    w_c = normalise((1 − α)·mean_i t_i,c + α·t0_c)        (cached per class list in eval)
-    image ──► vision tower with prompt tokens per depth segment ──► f [B, D]
+    w_c = normalise((1 − α)·mean_i t_i,c + α·t0_c)
+    image ──► vision tower with prompt tokens per depth segment ──► views: f [B, D] per image pass
     logits = exp(logit_scale) · normalise(f) · wᵀ
+
+The model holds parameters only. What is worth keeping between calls is kept by the caller: frozen
+text features in a :class:`~pmpo.cache.TensorCache` passed to :meth:`PMPOModel.prior_features`
+(and to ``class_weights`` / ``loss``, which the engine does for a whole training run), class weights
+of fixed prompts by whoever serves them (the engine's evaluation, the app's text store).
 
 With CoCoOp's meta-net the context is shifted per image, ctx + π(normalise(f)), so the prompts are
 t_i [B, N, C, D] and the weights w [B, C, D]: computed for every image (one batched text pass over
@@ -17,7 +22,6 @@ logits with the frozen CLIP's (``loss``).
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import Backbone, load_backbone
+from .cache import TensorCache
 from .config import PMPOConfig, template_pool
 from .data.types import clean_classname
 from .encoders import TextEncoder, VisionEncoder, VisionOutput
@@ -33,7 +38,6 @@ from .errors import InputError
 from .losses import TERMS, Step, against
 from .prompts import PromptLearner
 
-CACHE_SIZE = 16
 # Sequences per text call when no gradient flows: bounds the memory of a long class list (a
 # 1000-class PMPO list is 4 × 1000 prompted sequences) and paces progress reports.
 TEXT_CHUNK = 512
@@ -94,10 +98,8 @@ class PMPOModel(nn.Module):
                 cfg, self.text.width, self.vision.width, self.vision.n_layers, self._phrase_embeddings,
                 image_dim=self.vision.output_dim,
             ).to(self.clip.logit_scale.device)
-        self._prior_cache: OrderedDict = OrderedDict()
         # Fixed by the config and the tokenizer: computed once, not on every training step.
         self._tails = self._init_tails() if cfg.uses_text_prompts else []
-        self._weight_cache: OrderedDict = OrderedDict()
 
     # --- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -127,22 +129,6 @@ class PMPOModel(nn.Module):
     def num_learnable(self) -> int:
         return sum(p.numel() for p in self.learnable_parameters())
 
-    def _prompt_version(self) -> tuple[int, ...]:
-        # Tensor versions bump on every in-place update (optimiser steps, load_state_dict), so
-        # cached class weights can never outlive the prompts they were computed from.
-        return tuple(p._version for p in self.learnable_parameters())
-
-    def clear_cache(self) -> None:
-        self._prior_cache.clear()
-        self._weight_cache.clear()
-
-    @staticmethod
-    def _cache_put(cache: OrderedDict, key, value) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > CACHE_SIZE:
-            cache.popitem(last=False)
-
     # --- text side -----------------------------------------------------------------------------
     @torch.no_grad()
     def _phrase_embeddings(self, phrase: str) -> torch.Tensor:
@@ -152,34 +138,41 @@ class PMPOModel(nn.Module):
 
     @torch.no_grad()
     def prior_features(self, classnames: Sequence[str], templates: Sequence[str] | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """t0 [C, D]: normalised mean of normalised template features (CLIP's ensembling)."""
+                       progress: Callable[[int, int], None] | None = None,
+                       cache: TensorCache | None = None) -> torch.Tensor:
+        """t0 [C, D]: normalised mean of normalised template features (CLIP's ensembling).
+
+        Frozen: it depends on the backbone, the names and the templates only, so ``cache`` (keyed by
+        names and templates) may be shared by every model on the same backbone."""
         names = clean_classnames(classnames)
         templates = list(templates or self.templates)
-        key = (tuple(names), tuple(templates))
-        if key in self._prior_cache:
-            self._prior_cache.move_to_end(key)
-            return self._prior_cache[key]
+        key = ("prior", tuple(names), tuple(templates))
+        found = cache.get(key) if cache is not None else None
+        if found is not None:
+            return found
         texts = [t.format(n) for t in templates for n in names]
         feats = F.normalize(self.text.encode_tokens(self.text.tokenize(texts), TEXT_CHUNK, progress).float(), dim=-1)
         prior = F.normalize(feats.view(len(templates), len(names), -1).mean(0), dim=-1)
-        self._cache_put(self._prior_cache, key, prior)
+        if cache is not None:
+            cache.put(key, prior)
         return prior
 
     @torch.no_grad()
-    def teacher_text_features(self, classnames: Sequence[str]) -> torch.Tensor:
+    def teacher_text_features(self, classnames: Sequence[str], cache: TensorCache | None = None) -> torch.Tensor:
         """[C, D]: the frozen text side of PromptSRC's terms, normalise(mean over ``teacher_templates``
-        of the *unnormalised* text features), as trainers/promptsrc.py averages ``encode_text``."""
+        of the *unnormalised* text features), as trainers/promptsrc.py averages ``encode_text``
+        (frozen, so cached like :meth:`prior_features`)."""
         names = clean_classnames(classnames)
         templates = template_pool(self.cfg.teacher_templates)
         key = ("teacher", tuple(names), tuple(templates))
-        if key in self._prior_cache:
-            self._prior_cache.move_to_end(key)
-            return self._prior_cache[key]
+        found = cache.get(key) if cache is not None else None
+        if found is not None:
+            return found
         texts = [t.format(n) for t in templates for n in names]
         feats = self.text.encode_tokens(self.text.tokenize(texts)).float()
         teacher = F.normalize(feats.view(len(templates), len(names), -1).mean(0), dim=-1)
-        self._cache_put(self._prior_cache, key, teacher)
+        if cache is not None:
+            cache.put(key, teacher)
         return teacher
 
     def prompt_tokens(self, classnames: Sequence[str]) -> torch.Tensor:
@@ -275,27 +268,18 @@ class PMPOModel(nn.Module):
         return F.normalize(feats.float(), dim=-1).view(b, n, c, -1)
 
     def class_weights(self, classnames: Sequence[str], templates: Sequence[str] | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> ClassWeights:
-        """Combined class weights; cached per (class list, templates, prompt version) unless
-        gradients are flowing. ``templates`` overrides ``self.templates`` for this call only, so
-        concurrent callers (the app) never need to mutate shared state. ``progress(done, total)``
-        follows the text passes in sequences (prior, then prompts) when no gradient flows."""
+                      progress: Callable[[int, int], None] | None = None,
+                      cache: TensorCache | None = None) -> ClassWeights:
+        """Combined class weights: the prompts' text pass (with gradients when they flow) mixed with
+        the prior (from ``cache`` when given). ``templates`` overrides ``self.templates`` for this
+        call only, so concurrent callers (the app) never mutate shared state. ``progress(done,
+        total)`` follows the text passes in sequences (prior, then prompts) when no gradient flows."""
         names = clean_classnames(classnames)
-        templates = tuple(templates or self.templates)
-        prior = self.prior_features(names, templates, progress)
+        prior = self.prior_features(names, templates, progress, cache)
         if not self.cfg.uses_text_prompts or self.cfg.alpha == 1.0:
             return ClassWeights(prior, None, prior, tuple(names))
-        cacheable = not torch.is_grad_enabled()
-        key = (tuple(names), templates, self._prompt_version())
-        if cacheable and key in self._weight_cache:
-            self._weight_cache.move_to_end(key)
-            return self._weight_cache[key]
         prompts = self.prompt_features(names, progress=progress)
-        weights = self._mix(prompts, prior)
-        result = ClassWeights(weights, prompts, prior, tuple(names), self.cfg.uses_meta_net)
-        if cacheable:
-            self._cache_put(self._weight_cache, key, result)
-        return result
+        return ClassWeights(self._mix(prompts, prior), prompts, prior, tuple(names), self.cfg.uses_meta_net)
 
     def _mix(self, prompts: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """w = normalise((1 − α)·mean_i t_i + α·t0) over the prompt axis (-3) of [..., N, C, D]."""
@@ -310,14 +294,19 @@ class PMPOModel(nn.Module):
         return self._mix(prompts, cw.prior), prompts
 
     # --- image side ----------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor, return_attention: bool = False) -> VisionOutput | list[VisionOutput]:
-        """Prompted image features: one output (single pass) or one per prompt (per_prompt)."""
+    def encode_image(self, images: torch.Tensor, return_attention: bool = False,
+                     return_tokens: bool = False) -> list[VisionOutput]:
+        """Prompted image features, one view per image pass: a single view when every prompt shares
+        the pass (and when the image side is frozen), N views with ``visual_pass: per_prompt``, view
+        i seeing prompt i's visual tokens only."""
         images = images.to(self.device)
         if self.frozen_image_side:
-            return self.vision(images, None, return_attention)
-        if self.cfg.visual_pass == "per_prompt":
-            return [self.vision(images, self.visual_schedule(i), return_attention) for i in range(self.prompts.n_prompts)]
-        return self.vision(images, self.visual_schedule(), return_attention)
+            schedules = [None]
+        elif self.cfg.visual_pass == "per_prompt":
+            schedules = [self.visual_schedule(i) for i in range(self.prompts.n_prompts)]
+        else:
+            schedules = [self.visual_schedule()]
+        return [self.vision(images, s, return_attention, return_tokens) for s in schedules]
 
     def visual_schedule(self, prompt: int | None = None) -> list[torch.Tensor | None] | None:
         """The prompt tokens at the input of each vision layer (all prompts, or ``prompt``'s pass).
@@ -338,21 +327,22 @@ class PMPOModel(nn.Module):
             return F.normalize(self.vision(images.to(self.device)).features.float(), dim=-1)
 
     # --- logits and losses -----------------------------------------------------------------------
-    def logits_from(self, vision: VisionOutput | list[VisionOutput], cw: ClassWeights) -> torch.Tensor:
+    def logits_from(self, views: Sequence[VisionOutput], cw: ClassWeights) -> torch.Tensor:
+        """Logits [B, C] of the image views of :meth:`encode_image` against ``cw``."""
         scale = self.logit_scale
         if cw.conditional:
-            weights, _ = self.conditional_weights(vision.features, cw)
-            return scale * torch.einsum("bd,bcd->bc", F.normalize(vision.features.float(), dim=-1), weights)
-        if isinstance(vision, list):
-            # per_prompt pass: prompt i's image feature meets prompt i's class embedding, each mixed
-            # with the prior as in the single pass; the N views are averaged.
-            alpha = self.cfg.alpha
-            logits = 0
-            for i, out in enumerate(vision):
-                w_i = F.normalize((1 - alpha) * cw.prompts[i] + alpha * cw.prior, dim=-1)
-                logits = logits + F.normalize(out.features.float(), dim=-1) @ w_i.t()
-            return scale * logits / len(vision)
-        return scale * F.normalize(vision.features.float(), dim=-1) @ cw.weights.t()
+            weights, _ = self.conditional_weights(views[0].features, cw)
+            return scale * torch.einsum("bd,bcd->bc", F.normalize(views[0].features.float(), dim=-1), weights)
+        if len(views) == 1:
+            return scale * F.normalize(views[0].features.float(), dim=-1) @ cw.weights.t()
+        # per_prompt pass: prompt i's image feature meets prompt i's class embedding, each mixed
+        # with the prior as in the single pass; the N views are averaged.
+        alpha = self.cfg.alpha
+        logits = 0
+        for i, out in enumerate(views):
+            w_i = F.normalize((1 - alpha) * cw.prompts[i] + alpha * cw.prior, dim=-1)
+            logits = logits + F.normalize(out.features.float(), dim=-1) @ w_i.t()
+        return scale * logits / len(views)
 
     def forward(self, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         """Logits [B, C] for a batch of preprocessed images and a class list."""
@@ -360,32 +350,32 @@ class PMPOModel(nn.Module):
         return self.logits_from(self.encode_image(images), cw)
 
     def loss(self, images: torch.Tensor | None, labels: torch.Tensor, classnames: Sequence[str],
-             vision: VisionOutput | None = None) -> dict[str, torch.Tensor]:
+             views: Sequence[VisionOutput] | None = None, cache: TensorCache | None = None) -> dict[str, torch.Tensor]:
         """Training objective: CE plus the weighted terms of :data:`pmpo.losses.TERMS` — per-prompt
         auxiliary CE (β), prior consistency (λ) and PromptSRC's self-regulating terms (L1 text, L1
         image, KL logits) — each computed only when its weight is not 0.
 
-        ``vision`` replaces the image pass with features computed earlier; only valid when the
-        image side is frozen (:attr:`frozen_image_side`), where they are the same numbers."""
+        ``views`` replaces the image pass with features computed earlier; only valid when the image
+        side is frozen (:attr:`frozen_image_side`), where they are the same numbers. ``cache`` keeps
+        the frozen text features (prior, PromptSRC's teacher) from step to step."""
         cfg = self.cfg
-        cw = self.class_weights(classnames)
-        if vision is None:
-            vision = self.encode_image(images)
+        cw = self.class_weights(classnames, cache=cache)
+        if views is None:
+            views = self.encode_image(images)
         elif not self.frozen_image_side or cfg.uses_teacher:
             raise InputError(f"method {cfg.method!r} learns inside the image tower: its image features "
                              "cannot be computed ahead of the step")
-        views = vision if isinstance(vision, list) else [vision]
         feats = [F.normalize(v.features.float(), dim=-1) for v in views]
         prompts = cw.prompts  # [N, C, D], or [B, N, C, D] per image with a meta-net
         if cw.conditional:
-            weights, prompts = self.conditional_weights(vision.features, cw)
+            weights, prompts = self.conditional_weights(views[0].features, cw)
             logits = self.logit_scale * torch.einsum("bd,bcd->bc", feats[0], weights)
         else:
-            logits = self.logits_from(vision, cw)
+            logits = self.logits_from(views, cw)
         labels = labels.to(logits.device)
         ce = F.cross_entropy(logits, labels)
         out = {"logits": logits, "ce": ce, "loss": ce}
-        step = Step(self, images, labels, classnames, logits, feats, prompts, cw)
+        step = Step(self, images, labels, classnames, logits, feats, prompts, cw, cache)
         for term in TERMS:  # in order, so the sum is the same for every method (pmpo.losses)
             weight = getattr(cfg, term.weight)
             value = term.value(step) if weight else None
@@ -400,9 +390,9 @@ class PMPOModel(nn.Module):
         cw = self.class_weights(classnames)
         if cw.prompts is None:
             raise InputError(f"method {self.cfg.method!r} has no learned text prompts")
-        vision = self.encode_image(images)
-        views = vision if isinstance(vision, list) else [vision] * len(cw.prompts)
-        prompts = self.conditional_weights(vision.features, cw)[1] if cw.conditional else cw.prompts
+        views = self.encode_image(images)
+        prompts = self.conditional_weights(views[0].features, cw)[1] if cw.conditional else cw.prompts
+        views = views if len(views) > 1 else views * len(cw.prompts)
         return torch.stack([
             self.logit_scale * against(F.normalize(v.features.float(), dim=-1), prompts[..., i, :, :])
             for i, v in enumerate(views)

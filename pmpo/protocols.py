@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -43,7 +41,7 @@ from .data import (
 )
 from .engine import LAST_CHECKPOINT, TrainConfig, derive_seed, evaluate, seeded_init, train
 from .errors import InputError
-from .io import create_temp_beside
+from .io import git_head, write_json_atomic
 from .model import build_model
 
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization")
@@ -75,24 +73,7 @@ def versions() -> dict[str, str]:
 
 def git_commit() -> str | None:
     """The commit of the code that produced a result (None outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return git_head(Path(__file__).resolve().parent)
 
 
 def read_finished(folder: str | Path) -> dict | None:

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import importlib
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from typing import Any
 from .children import child_main, run_child
 from .config import method_title
 from .errors import InputError
+from .io import git_head
 
 METHODS = ("coop", "maple")
 PRECISIONS = ("auto", "fp32", "fp16")
@@ -121,14 +121,7 @@ def resolve_checkouts(root: str | Path | None = None, coop: str | Path | None = 
     return out
 
 
-def checkout_commit(path: str | Path) -> str | None:
-    """The checkout's HEAD commit (None when it is not a git work tree or git is absent)."""
-    try:
-        proc = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = proc.stdout.strip()
-    return commit if proc.returncode == 0 and len(commit) == 40 else None
+checkout_commit = git_head  # the reference checkout's HEAD, recorded beside every comparison
 
 
 # --- what is matched: the configuration plumbing ------------------------------------------------------
@@ -221,11 +214,9 @@ def build_their_cfg(cfg: ReferenceBenchConfig, method: str, image_size: int):
 
 def _precision_context(device, precision: str):
     """Ours runs fp32, or fp16 autocast where their path casts CLIP to fp16."""
-    import torch
+    from .device import autocast
 
-    if precision == "fp16":
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
+    return autocast(device, precision)
 
 
 def _their_clip(method: str, state_dict: dict, cfg: ReferenceBenchConfig, precision: str):
@@ -270,11 +261,6 @@ def _copy_prompts_into_ours(method: str, theirs, ours) -> None:
                 mine.bias.copy_(theirs_linear.bias.float())
 
 
-def _drop_class_weights(model) -> None:
-    """Forget the cached class weights but keep the frozen prior (real use computes it once per class list)."""
-    model._weight_cache.clear()
-
-
 def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """Build theirs and ours for one method in *this* process (a fresh child) and time them."""
     import torch
@@ -290,6 +276,7 @@ def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
 
     from .backbone import load_backbone
     from .bench import bench_classnames, interleaved_medians
+    from .cache import TensorCache
     from .config import PMPOConfig
     from .model import build_model
 
@@ -341,8 +328,11 @@ def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
     with torch.no_grad():
         their_logits = theirs(images).float()
         with ctx():
-            our_logits = ours_infer(images, names).float()  # also fills the class-weight cache
-        ours_train.prior_features(names)  # frozen prior: cached once per class list, as in real training
+            our_logits = ours_infer(images, names).float()
+            # As a server and a training run keep them: the frozen prior once per class list (shared
+            # by both models: same backbone, same templates), the class weights of fixed prompts once.
+            text_cache = TensorCache()
+            weights = ours_infer.class_weights(names, cache=text_cache)
 
     def their_infer() -> None:
         theirs.eval()  # Dassl's test(): set_model_mode("eval"), then model(input) under no_grad
@@ -351,12 +341,11 @@ def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
 
     def our_infer() -> None:
         with torch.no_grad(), ctx():
-            ours_infer(images, names)
+            ours_infer.logits_from(ours_infer.encode_image(images), weights)
 
-    def our_infer_uncached() -> None:
-        _drop_class_weights(ours_infer)
+    def our_infer_uncached() -> None:  # the class weights again, the prior from the cache
         with torch.no_grad(), ctx():
-            ours_infer(images, names)
+            ours_infer.logits_from(ours_infer.encode_image(images), ours_infer.class_weights(names, cache=text_cache))
 
     def their_step() -> None:
         theirs.train()  # their forward_backward, non-amp path
@@ -371,7 +360,7 @@ def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
     def our_step() -> None:
         our_optim.zero_grad(set_to_none=True)
         with ctx():
-            loss = ours_train.loss(images, labels, names)["loss"]
+            loss = ours_train.loss(images, labels, names, cache=text_cache)["loss"]
         loss.backward()
         our_optim.step()
 

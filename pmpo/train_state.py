@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .data.datasets import Datum
 from .errors import CheckpointError
-from .io import atomic_save_safetensors
+from .io import atomic_save_safetensors, read_safetensors
 from .model import PMPOModel
 from .train_config import RESUME_FREE, TrainConfig
 
@@ -65,9 +64,7 @@ def save_train_state(path: Path, model: PMPOModel, optimizer: torch.optim.Optimi
 
 def read_train_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors, meta = read_safetensors(path)
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc.__class__.__name__}); delete it to start over") from exc
     if meta.get("format") != STATE_FORMAT:

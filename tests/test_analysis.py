@@ -77,8 +77,7 @@ def test_attention_rows_and_rollout_rows_sum_to_one(backbone, kw):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     n_layers = model.vision.n_layers
     with torch.no_grad():
-        outs = model.encode_image(x, return_attention=True)
-    views = outs if isinstance(outs, list) else [outs]
+        views = model.encode_image(x, return_attention=True)
     for i, view in enumerate(views):
         rows = aa.cls_attention(view)
         assert len(rows) == n_layers
@@ -100,7 +99,7 @@ def test_rollout_matches_abnar_zuidema_without_prompts(backbone):
     model = make(backbone, "zeroshot")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = model.encode_image(x, return_attention=True)
+        (out,) = model.encode_image(x, return_attention=True)
     flow, owners = aa.attention_rollout(out.attentions, aa.slot_layouts(model, model.vision.n_layers), out.n_tokens)
     expected = torch.eye(out.n_tokens).expand(2, -1, -1)
     for a in out.attentions:
@@ -140,7 +139,7 @@ def test_prompt_mass_follows_the_partition(backbone):
         assert all(0 <= result.mass[p][l][0] <= 1 for l in present)
     # with one prompt per layer, its mass is everything the CLS row does not spend on image tokens
     with torch.no_grad():
-        out = model.encode_image(x, return_attention=True)
+        (out,) = model.encode_image(x, return_attention=True)
     rows = aa.cls_attention(out)
     layer = model.prompts.segments[2][0]
     expected = (1 - rows[layer][:, : out.n_tokens].sum(-1)).mean()

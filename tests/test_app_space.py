@@ -191,7 +191,7 @@ def test_a_training_gives_way_to_requests_between_its_steps(tiny_model, tmp_path
         while time.perf_counter() - held < 2.0:
             upd = next(run)
         steps_while_busy = len(upd.history)
-    for _ in run:  # let the training finish
+    for upd in run:  # noqa: B007 (let the training finish; its last update is checked below)
         pass
     assert steps_while_busy <= 1 and upd.done and len(upd.history) == upd.history[-1]["total_steps"], upd.status
     assert st.inference.wait_idle(0.1) < 0.1  # nothing left busy

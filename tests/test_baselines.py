@@ -124,7 +124,7 @@ def test_promptsrc_terms_are_the_reference_formulas(backbone):
         teacher = model.teacher_text_features(CLASSES)
         text = model.prompt_features(CLASSES)[0]
         plain = F.normalize(model.clip.encode_image(x), dim=-1)
-        prompted = F.normalize(model.encode_image(x).features, dim=-1)
+        prompted = F.normalize(model.encode_image(x)[0].features, dim=-1)
         logits = model.logit_scale * prompted @ text.t()
         zs = model.logit_scale * plain @ teacher.t()
         p_zs = zs.softmax(-1)
@@ -153,7 +153,7 @@ def test_cocoop_with_zero_meta_net_is_coop(backbone):
     torch.nn.init.zeros_(cocoop.prompts.meta_net.linear2.bias)
     x, y = images(3), torch.tensor([0, 1, 2])
     with torch.no_grad():
-        f = F.normalize(cocoop.encode_image(x).features, dim=-1)
+        f = F.normalize(cocoop.encode_image(x)[0].features, dim=-1)
         assert torch.equal(cocoop.prompts.context_shift(f), torch.zeros(3, cocoop.text.width))
         torch.testing.assert_close(cocoop.eval()(x, CLASSES), coop.eval()(x, CLASSES), atol=1e-6, rtol=1e-6)
     a, b = cocoop.loss(x, y, CLASSES)["loss"], coop.loss(x, y, CLASSES)["loss"]
@@ -172,7 +172,7 @@ def test_cocoop_batched_text_pass_equals_the_per_image_loop(backbone):
     torch.nn.init.constant_(model.prompts.meta_net.linear1.bias, 1.0)
     x = images(3)
     with torch.no_grad():
-        f = F.normalize(model.encode_image(x).features, dim=-1)
+        f = F.normalize(model.encode_image(x)[0].features, dim=-1)
         shift = model.prompts.context_shift(f)
         batched = model.prompt_features(CLASSES, shift)  # [B, N, C, D]
         ctx = model.prompts.ctx.data.clone()

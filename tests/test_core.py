@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from pmpo import PMPOConfig, build_model, list_methods, load_backbone, load_checkpoint, save_checkpoint
 from pmpo.attention import block_with_attention
+from pmpo.cache import TensorCache
 from pmpo.errors import BackboneLoadError, CheckpointError, InputError
 from pmpo.prompts import resolve_partition
 
@@ -71,8 +72,8 @@ def test_attention_maps_do_not_change_features(backbone):
     model = make(backbone, "pmpo").eval()
     x = images()
     with torch.no_grad():
-        plain = model.encode_image(x)
-        mapped = model.encode_image(x, return_attention=True)
+        (plain,) = model.encode_image(x)
+        (mapped,) = model.encode_image(x, return_attention=True)
     assert (plain.features - mapped.features).abs().max() < 1e-5
     layers = model.vision.n_layers
     assert len(mapped.attentions) == layers
@@ -168,10 +169,8 @@ def test_schedule_shapes_and_segment_mapping(backbone, mode, visual_pass):
         alone = model.prompts.visual_schedule(layers, prompt=2)
         assert [l for l, s in enumerate(alone) if s is not None] == ([6, 7, 8] if mode == "replace" else [6])
         out = model.encode_image(images(2))
-    if visual_pass == "per_prompt":
-        assert isinstance(out, list) and len(out) == 4 and out[0].features.shape == (2, model.vision.output_dim)
-    else:
-        assert out.features.shape == (2, model.vision.output_dim)
+    assert len(out) == (4 if visual_pass == "per_prompt" else 1)
+    assert all(view.features.shape == (2, model.vision.output_dim) for view in out)
     assert model(images(2), CLASSES).shape == (2, 4)
 
 
@@ -191,13 +190,13 @@ def test_visual_prompts_change_features_only_where_expected(backbone):
     model = make(backbone, "pmpo")
     x = images(2)
     with torch.no_grad():
-        prompted = model.encode_image(x).features
+        prompted = model.encode_image(x)[0].features
         plain = model.vision(x).features
         assert not torch.allclose(prompted, plain)
         for coupling in model.prompts.couplings:  # zero prompt tokens still take part in attention
             torch.nn.init.zeros_(coupling.weight)
             torch.nn.init.zeros_(coupling.bias)
-        assert not torch.allclose(model.encode_image(x).features, plain)
+        assert not torch.allclose(model.encode_image(x)[0].features, plain)
 
 
 # --- training hygiene -------------------------------------------------------------------------
@@ -220,17 +219,24 @@ def test_only_learnable_tensors_change(backbone, method):
     assert not model.clip.training
 
 
-def test_class_weight_cache_invalidated_by_updates(backbone):
-    model = make(backbone, "pmpo").eval()
+def test_the_model_keeps_no_cache_and_the_callers_cache_holds_frozen_features_only(backbone):
+    model = make(backbone, "promptsrc").eval()
+    before = {k: v for k, v in vars(model).items() if not k.startswith("_")}
+    cache = TensorCache()
     with torch.no_grad():
-        first = model.class_weights(CLASSES)
-        assert model.class_weights(CLASSES) is first  # cached
+        first = model.class_weights(CLASSES, cache=cache)
+        again = model.class_weights(CLASSES, cache=cache)
+    assert cache.hits == 1 and torch.equal(again.prior, first.prior)  # the frozen prior comes from the cache
+    assert again.prompts is not first.prompts and torch.equal(again.weights, first.weights)  # prompts recomputed
     opt = torch.optim.SGD(model.learnable_parameters(), lr=1.0)
-    model.loss(images(2), torch.tensor([0, 1]), CLASSES)["loss"].backward()
+    model.loss(images(2), torch.tensor([0, 1]), CLASSES, cache=cache)["loss"].backward()
+    assert len(cache) == 2  # prior and PromptSRC's teacher: nothing that depends on the prompts
     opt.step()
     with torch.no_grad():
-        second = model.class_weights(CLASSES)
-    assert second is not first and not torch.allclose(second.weights, first.weights)
+        second = model.class_weights(CLASSES, cache=cache)
+    assert not torch.allclose(second.weights, first.weights) and torch.equal(second.prior, first.prior)
+    # Nothing was stored on the model: its attributes are the ones it was built with.
+    assert {k: v for k, v in vars(model).items() if not k.startswith("_")} == before
 
 
 def test_classname_validation(backbone):

@@ -199,9 +199,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(backbone
     calls = {"n": 0}
     real_loss = model.loss
 
-    def poisoned(images, labels, classnames):
+    def poisoned(images, labels, classnames, **kwargs):
         calls["n"] += 1
-        out = real_loss(images, labels, classnames)
+        out = real_loss(images, labels, classnames, **kwargs)
         if calls["n"] > steps_per_epoch:  # from the first step of epoch 2 on
             out["loss"] = out["loss"] * float("nan")
         return out

@@ -159,10 +159,10 @@ def test_layer0_visual_prompts_pass_ln_pre_like_mapLe(backbone):
             joint = block(joint)
         pooled, _ = visual._pool(joint[:, :seq.shape[1]])
         expected = pooled @ visual.proj
-        ours = model.encode_image(x).features
+        ours = model.encode_image(x)[0].features
         without = make(backbone, "maple", partition=[[0, 0]], text_depth=1, prompt_ln_pre=False)
         without.prompts.load_state_dict(model.prompts.state_dict())
-        other = without.encode_image(x).features
+        other = without.encode_image(x)[0].features
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(other, expected, atol=1e-4)
 

@@ -317,7 +317,6 @@ class _TwinTrainer:
 
         for group in self.optim.param_groups:
             group["lr"] = self.get_current_lr()
-        self.twin._weight_cache.clear()
         loss = functional_call(_LossOf(self.twin), {"m.prompts.ctx": self.model.p0[None]},
                                (batch["img"], batch["label"], self.names))
         self.optim.zero_grad()
@@ -328,7 +327,6 @@ class _TwinTrainer:
     def model_inference(self, images):
         from torch.func import functional_call
 
-        self.twin._weight_cache.clear()
         return functional_call(_Forward(self.twin, self.names), {"m.prompts.ctx": self.model.p0[None]}, (images,))
 
 

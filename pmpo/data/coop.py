@@ -10,8 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pmpo.data.folders import (_check_first_exists, _classnames_from, _dataset_dir, _list_images, _list_subdirs,
-                               _missing, _read_text_lines)
+from pmpo.data.folders import _check_first_exists, _classnames_from, _dataset_dir, _list_images, _list_subdirs, _missing, _read_text_lines
 from pmpo.data.types import DEFAULT_TEMPLATE, DatasetSplits, Datum, clean_classname
 from pmpo.errors import DatasetError
 

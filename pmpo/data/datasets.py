@@ -14,11 +14,18 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from pmpo.data.coop import (_SPLIT_FILE_SPECS, _VARIANT_SPECS, _build_fgvc_aircraft, _build_imagenet,
-                            _build_imagenetv2, _build_wnid_variant, _load_split_file_dataset)
+from pmpo.data.coop import (
+    _SPLIT_FILE_SPECS,
+    _VARIANT_SPECS,
+    _build_fgvc_aircraft,
+    _build_imagenet,
+    _build_imagenetv2,
+    _build_wnid_variant,
+    _load_split_file_dataset,
+)
 from pmpo.data.custom import _build_csv, _build_imagefolder
 from pmpo.data.folders import IMAGE_EXTENSIONS
 from pmpo.data.types import DEFAULT_TEMPLATE, DatasetSplits, Datum, clean_classname

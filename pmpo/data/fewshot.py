@@ -14,15 +14,15 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from random import Random
-from typing import Sequence
 
-from pmpo.data.datasets import Datum, DatasetSplits
+from pmpo.data.datasets import DatasetSplits, Datum
 from pmpo.errors import DatasetError
+from pmpo.io import write_json_atomic
 
 CACHE_VERSION = 1
 
@@ -126,19 +126,10 @@ def _read_cache(path: Path, fingerprint: dict, splits: DatasetSplits) -> tuple[l
 
 
 def _write_cache(path: Path, payload: dict) -> None:
-    """Write via a temporary file and ``os.replace`` so concurrent runs never read half a file.
-    A cache that cannot be written only costs a resample next time, so it is a warning."""
+    """Written atomically, so concurrent runs never read half a file. A cache that cannot be
+    written only costs a resample next time, so it is a warning."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json_atomic(path, payload, indent=None)
     except OSError as e:
         warnings.warn(f"Could not write few-shot cache {path}: {e}", stacklevel=3)
 

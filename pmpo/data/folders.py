@@ -5,8 +5,8 @@ a classifier (0..n-1, one name each). Nothing here opens an image."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from pmpo.data.types import Datum
 from pmpo.errors import DatasetError

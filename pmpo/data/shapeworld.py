@@ -35,18 +35,33 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from pmpo.data.types import DatasetSplits, Datum
+from pmpo.data.shapeworld_render import Render, SceneMasks, render, render_scene
+
 # The vocabulary and the renderer, re-exported: `shapeworld` is the world's one public face.
-from pmpo.data.shapeworld_world import (COLOURS, COLOUR_RGB, DOWNSTREAM_SHIFT, FILLS, FILL_WORD, IMAGE_SIZE,
-                                        ObjectAttrs, POSITIONS, POSITION_PHRASE, SHAPES, SIZES, STYLES,
-                                        Sample, TEMPLATES, _PAIRS)
-from pmpo.data.shapeworld_render import (Render, SceneMasks, render, render_scene)
+from pmpo.data.shapeworld_world import (
+    _PAIRS,
+    COLOUR_RGB,
+    COLOURS,
+    DOWNSTREAM_SHIFT,
+    FILL_WORD,
+    FILLS,
+    IMAGE_SIZE,
+    POSITION_PHRASE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    STYLES,
+    TEMPLATES,
+    ObjectAttrs,
+    Sample,
+)
+from pmpo.data.types import DatasetSplits, Datum
 
 __all__ = [
     "SHAPES", "COLOURS", "COLOUR_RGB", "SIZES", "FILLS", "POSITIONS", "STYLES",

@@ -4,14 +4,13 @@ its ground-truth masks (:mod:`pmpo.data.shapeworld`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pmpo.data.shapeworld_world import (COLOUR_RGB, DOWNSTREAM_SHIFT, IMAGE_SIZE, STYLES, SHAPES, _POS_XY, _RADIUS,
-                                        ObjectAttrs)
+from pmpo.data.shapeworld_world import _POS_XY, _RADIUS, COLOUR_RGB, DOWNSTREAM_SHIFT, IMAGE_SIZE, SHAPES, STYLES, ObjectAttrs
 
 # --------------------------------------------------------------------------------------
 # geometry

@@ -98,7 +98,7 @@ class Sample:
     background: str = "plain"
     n_distractors: int = 0                 # grey distractors (never in the caption)
     label: int | None = None               # class id for classification samples
-    masks: "SceneMasks | None" = None      # where each object and distractor is (ground truth)
+    masks: SceneMasks | None = None      # where each object and distractor is (ground truth)
 
     def pil(self) -> Image.Image:
         return Image.fromarray(self.image, "RGB")

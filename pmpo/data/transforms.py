@@ -13,7 +13,8 @@ global one, they draw exactly what torchvision's transforms draw, so the crops a
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image

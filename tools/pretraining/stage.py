@@ -8,7 +8,6 @@ record from ``card``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+
+from pmpo.device import autocast
 
 from .batches import CaptionTokens, Prefetcher
 from .captions import MARKER_PREFIX
@@ -72,7 +73,7 @@ def train(args: argparse.Namespace) -> None:
     groups = param_groups(model, args.wd) + [{"params": head_params, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     # bf16 autocast on CUDA (fp32 master weights); fp32 on CPU.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    mixed = autocast(device, "bf16" if device.type == "cuda" else "fp32")
     mean = torch.tensor(PREPROCESS_CFG["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(PREPROCESS_CFG["std"]).view(1, 3, 1, 1)
     tok = CaptionTokens()
@@ -97,7 +98,7 @@ def train(args: argparse.Namespace) -> None:
             break
         for g in opt.param_groups:
             g["lr"] = lr
-        with autocast:
+        with mixed:
             im_raw = model.encode_image(x)
             imf = F.normalize(im_raw[:len(caps)].float(), dim=-1)  # captioned images only
             tx_raw = encode_text_truncated(model, text)
