@@ -8,7 +8,6 @@ trained on, so they are always in sync with it.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +53,20 @@ def example_masks(image: Image.Image):
     return None
 
 
+def _save_png(pixels, path: Path) -> None:
+    """Atomically: two sessions (or processes sharing a cache) rendering the same example never
+    leave each other half a file."""
+    import io
+
+    from PIL import Image
+
+    from pmpo.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def example_images(folder: str | Path, classes: list[str] = EXAMPLE_CLASSES, seed: int = EXAMPLE_SEED,
                    size: int = EXAMPLE_SIZE) -> list[str]:
     """Render one ShapeWorld image per class as ``<colour>_<shape>.png`` (deterministic, cheap).
@@ -61,18 +74,13 @@ def example_images(folder: str | Path, classes: list[str] = EXAMPLE_CLASSES, see
     Generated rather than committed: the renders come from the same generator the offline model
     was trained on, so they are always in sync with it.
     """
-    from PIL import Image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, cls in enumerate(classes):
         path = folder / f"{cls.replace(' ', '_')}.png"
         if not path.is_file():
-            sample = _example_sample(i, cls, seed, size)
-            tmp = path.with_suffix(".tmp.png")
-            Image.fromarray(sample.image, "RGB").save(tmp)
-            os.replace(tmp, path)
+            _save_png(_example_sample(i, cls, seed, size).image, path)
         paths.append(str(path))
     return paths
 
@@ -92,7 +100,6 @@ def example_training_images(folder: str | Path, classes: list[str] = TRAIN_EXAMP
     so the Train tab reads their labels from the file names: a ready few-shot task for the offline
     model (the Train tab holds one in four out to score it)."""
     import numpy as np
-    from PIL import Image
 
     from pmpo.data import shapeworld as sw
 
@@ -106,9 +113,7 @@ def example_training_images(folder: str | Path, classes: list[str] = TRAIN_EXAMP
             path = folder / f"{cls.replace(' ', '_')}_{k + 1}.png"
             sample = sw.sample_class_scene(names.index(cls), rng, style="downstream")
             if not path.is_file():
-                tmp = path.with_suffix(".tmp.png")
-                Image.fromarray(sample.image, "RGB").save(tmp)
-                os.replace(tmp, path)
+                _save_png(sample.image, path)
             paths.append(str(path))
     return paths
 

@@ -53,11 +53,10 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,34 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/demo.py` from a checkout without an install
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings, also when loaded by path
+
+from demo_floor import measure_floor, render_set  # noqa: E402
+from demo_process import (  # noqa: E402
+    AppProcess,
+    cpu_model,
+    cpu_seconds,
+    headless_flags,
+    mem_total_gib,
+    peak_rss_gib,
+    wait_idle,
+)
+from demo_report import (  # noqa: E402
+    N_BIG_CLASSES,
+    REPORT_KEYS,
+    TRAIN_OUTPUTS,
+    BenchError,
+    as_report,
+    check_train_contract,
+    class_list,
+    fmt,
+    make_row,
+    parse_train_reports,
+    render_markdown,
+    render_table,
+)
+
+from pmpo.config import method_title  # noqa: E402
 
 BACKBONES: dict[str, dict[str, Any]] = {
     "vitb16": {
@@ -82,13 +109,6 @@ BACKBONES: dict[str, dict[str, Any]] = {
     },
 }
 
-# /train, as the Train tab's owner defines it (DESIGN.md §9): inputs in this order, 5 outputs.
-TRAIN_INPUTS = ("train_files", "label_table", "zip_file", "folder", "method", "epochs", "time_budget", "name",
-                "bb_model", "bb_pretrained")
-TRAIN_OUTPUTS = ("status_markdown", "plot", "report_json", "download_file", "checkpoint_dropdown")
-REPORT_KEYS = ("phase", "elapsed_s", "eta_s", "zero_shot", "heldout", "done", "stopped", "checkpoint",
-               "images_per_s", "n_train", "n_heldout")
-
 FIRST_HELDOUT_TARGET_S = 60.0
 COOP_TARGET_S = 60.0
 CLASSIFY_TARGET_X = 1.3
@@ -96,385 +116,6 @@ AGAIN_TARGET_S = 0.3
 EMBED_TARGET_X = 0.3
 ATTENTION_TARGET_X = 1.3
 N_IMAGES = 8
-METHOD_NAMES = {"pmpo": "PMPO", "coop": "CoOp", "cocoop": "CoCoOp", "kgcoop": "KgCoOp", "maple": "MaPLe"}
-N_BIG_CLASSES = 1000
-GIB = 2 ** 30
-
-
-class BenchError(RuntimeError):
-    """A step of the benchmark failed in a way the report states (the app said no, a timeout, ...)."""
-
-
-# --- pure helpers (tested in tests/test_demo_bench.py) ---------------------------------------------
-def summarize(samples: Sequence[float]) -> dict[str, float | int | None]:
-    """Median, min and max of a list of seconds (None for an empty list)."""
-    xs = [float(x) for x in samples if x is not None]
-    if not xs:
-        return {"median": None, "min": None, "max": None, "n": 0}
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def ratio(value: float | None, floor: float | None) -> float | None:
-    """value / floor, or None when either is missing or the floor is not positive."""
-    if value is None or floor is None or floor <= 0:
-        return None
-    return value / floor
-
-
-_NOUNS = ("object", "item", "thing", "sample", "specimen", "article", "piece", "entity", "unit", "exhibit")
-
-
-def class_list(n: int = N_BIG_CLASSES, variant: int = 0) -> list[str]:
-    """``n`` distinct class names, deterministic; another ``variant`` gives a list none of whose
-    names occur in the others (so a text cache never answers a 'new' list): 'class 0001 object'."""
-    noun = _NOUNS[variant % len(_NOUNS)]
-    suffix = "" if variant < len(_NOUNS) else f" v{variant // len(_NOUNS)}"
-    return [f"class {i + 1:04d} {noun}{suffix}" for i in range(n)]
-
-
-def check_train_contract(endpoint: dict | None) -> list[str]:
-    """Where the live /train endpoint (an entry of ``view_api(return_format='dict')['named_endpoints']``)
-    differs from the contract; empty when it matches."""
-    if endpoint is None:
-        return ["the app has no /train endpoint"]
-    problems = []
-    names = tuple(p.get("parameter_name") or p.get("label") for p in endpoint.get("parameters", []))
-    if names != TRAIN_INPUTS:
-        problems.append(f"inputs are ({', '.join(map(str, names))}); the contract is ({', '.join(TRAIN_INPUTS)})")
-    n_out = len(endpoint.get("returns", []))
-    if n_out != len(TRAIN_OUTPUTS):
-        problems.append(f"it returns {n_out} outputs; the contract has {len(TRAIN_OUTPUTS)} ({', '.join(TRAIN_OUTPUTS)})")
-    return problems
-
-
-def _as_report(value: Any) -> dict | None:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return None
-    if isinstance(value, dict) and "done" in value and "heldout" in value:
-        return value
-    return None
-
-
-def parse_train_reports(events: Sequence[tuple[float, Any]], within_s: float = 60.0,
-                        gain_points: float = 15.0) -> dict[str, Any]:
-    """Digest a training's stream: ``events`` are (seconds since submit, report_json) in arrival order.
-
-    Values that are not reports (a gradio "no change" update, None) are skipped. Returns the time of
-    the first report with a non-empty held-out list, of the final report (``done``), the final
-    held-out zero-shot / trained accuracy, images/s, and the best held-out gain (trained − zero-shot,
-    points) among the reports that arrived within ``within_s``, and when a gain of ``gain_points`` first showed."""
-    reports = [(float(t), r) for t, raw in events if (r := _as_report(raw)) is not None]
-    out: dict[str, Any] = {"n_reports": len(reports), "first_report_s": reports[0][0] if reports else None,
-                           "first_heldout_s": None, "first_heldout": None, "done_s": None, "final": None,
-                           "zero_shot": None, "trained": None, "gain": None, "images_per_s": None,
-                           "stopped": None, "checkpoint": None, f"best_gain_within_{within_s:g}s": None,
-                           f"first_gain_{gain_points:g}_s": None,
-                           "missing_keys": sorted({k for _, r in reports for k in REPORT_KEYS if k not in r})}
-    best = None
-    for t, r in reports:
-        held = r.get("heldout") or []
-        if held and out["first_heldout_s"] is None:
-            out["first_heldout_s"], out["first_heldout"] = t, held[0]
-        if t <= within_s:
-            for h in held:
-                if h.get("trained") is not None and h.get("zero_shot") is not None:
-                    gain = float(h["trained"]) - float(h["zero_shot"])
-                    best = gain if best is None else max(best, gain)
-        for h in held:
-            if (h.get("trained") is not None and h.get("zero_shot") is not None and out[f"first_gain_{gain_points:g}_s"] is None
-                    and float(h["trained"]) - float(h["zero_shot"]) >= gain_points):
-                out[f"first_gain_{gain_points:g}_s"] = t
-        if r.get("done") and out["done_s"] is None:
-            out["done_s"] = t
-    out[f"best_gain_within_{within_s:g}s"] = best
-    if reports:
-        final = next((r for _, r in reversed(reports) if r.get("done")), reports[-1][1])
-        held = final.get("heldout") or []
-        last = held[-1] if held else {}
-        out.update(final=final, zero_shot=last.get("zero_shot", final.get("zero_shot")), trained=last.get("trained"),
-                   images_per_s=final.get("images_per_s"), stopped=final.get("stopped"),
-                   checkpoint=final.get("checkpoint"))
-        if out["trained"] is not None and out["zero_shot"] is not None:
-            out["gain"] = float(out["trained"]) - float(out["zero_shot"])
-    return out
-
-
-def make_row(name: str, samples: Sequence[float], floor_s: float | None = None, floor_label: str = "",
-             target: str = "", limit_s: float | None = None, rss_gib: float | None = None,
-             value_text: str | None = None, ok: bool | None = None, error: str | None = None,
-             **extra: Any) -> dict[str, Any]:
-    """One table row. ``limit_s``: the target as seconds (pass/fail from the median) unless ``ok`` is given."""
-    stats = summarize(samples)
-    if ok is None and limit_s is not None and stats["median"] is not None:
-        ok = stats["median"] <= limit_s
-    return {"interaction": name, "samples_s": [float(s) for s in samples], **stats, "floor_s": floor_s,
-            "floor_label": floor_label, "x_floor": ratio(stats["median"], floor_s), "rss_gib": rss_gib,
-            "target": target, "limit_s": limit_s, "ok": ok if error is None else False, "value_text": value_text,
-            "error": error, **extra}
-
-
-def _fmt(x: float | None, digits: int = 2) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
-def render_table(rows: Iterable[dict[str, Any]]) -> str:
-    """| interaction | median s | min–max | floor s | × floor | peak RSS GiB | target | (target cell ends in ✓/✗)."""
-    lines = ["| interaction | median s | min–max | floor s | × floor | peak RSS GiB | target |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        median = r.get("value_text") or _fmt(r.get("median"))
-        span = "—" if r.get("min") is None or r.get("n", 0) < 1 else f"{r['min']:.2f}–{r['max']:.2f}"
-        floor = _fmt(r.get("floor_s"))
-        if r.get("floor_s") is not None and r.get("floor_label"):
-            floor += f" ({r['floor_label']})"
-        mark = {True: " ✓", False: " ✗", None: ""}[r.get("ok")]
-        target = (r.get("target") or "report") + mark
-        if r.get("error"):
-            target += f" — **error:** {r['error']}"
-        name = r["interaction"].replace("|", "/")
-        lines.append(f"| {name} | {median} | {span} | {floor} | {_fmt(r.get('x_floor'))}"
-                     f" | {_fmt(r.get('rss_gib'))} | {target.replace('|', '/')} |")
-    return "\n".join(lines)
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    def load(x):
-        return "/".join(f"{v:.2f}" for v in x) if x else "?"
-    return (f"Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores; load average (1/5/15 min) before "
-            f"{load(m.get('load_before'))}, after {load(m.get('load_after'))}; torch {m.get('torch', '?')}, "
-            f"gradio {m.get('gradio', '?')}, gradio_client {m.get('gradio_client', '?')}, Python {m.get('python', '?')}; "
-            f"floor threads {m.get('threads', '?')} (torch's default = all cores, as the app, which sets none).")
-
-
-def render_markdown(result: dict[str, Any]) -> str:
-    """The whole report: a machine header and one table per backbone, with its notes."""
-    out = [f"# Demo benchmark ({result.get('date', '')})", "", machine_line(result.get("machine", {})), "",
-           f"Repeats: {result.get('repeats')}; per-call timeout {result.get('timeout_s')} s."]
-    if result.get("machine", {}).get("busy_note"):
-        out += ["", result["machine"]["busy_note"]]
-    for b in result.get("backbones", []):
-        out += ["", f"## {b.get('label', b.get('backbone'))}", ""]
-        if b.get("command"):
-            out.append(f"App: `{b['command']}`, served after {_fmt(b.get('startup_s'), 1)} s; idle after a further "
-                       f"{_fmt(b.get('idle_wait_s'), 1)} s; backbone on the page: {b.get('app_backbone', '?')}.")
-        f = b.get("floor") or {}
-        if f:
-            out.append(f"Floor ({f.get('model')}, {f.get('pretrained') or 'no tag'}; {f.get('threads')} threads; "
-                       f"image {f.get('image_size')} px from {f.get('source_px')} px renders): encode_image 8 images "
-                       f"{_fmt(f.get('batch8_s', {}).get('median'), 3)} s, 1 image {_fmt(f.get('single_s', {}).get('median'), 3)} s "
-                       f"(medians of {f.get('batch8_s', {}).get('n')}, after a warm-up call); eval transform of 8 images "
-                       f"{_fmt(f.get('preprocess8_s'), 3)} s; 1000 prompts through the text tower "
-                       f"{_fmt(f.get('text1000_s'), 2)} s (1 run).")
-        out += ["", render_table(b.get("rows", []))]
-        notes = list(b.get("notes", [])) + [f"**Error:** {e}" for e in b.get("errors", [])]
-        if notes:
-            out += [""] + [f"- {n}" for n in notes]
-    return "\n".join(out) + "\n"
-
-
-# --- the machine and the app process -------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in text.splitlines():
-            if line.strip().startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmHWM / VmRSS (kB) of a process from /proc/<pid>/status ({} when it is gone)."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0])
-    except OSError:
-        pass
-    return out
-
-
-def peak_rss_gib(pid: int) -> float | None:
-    kb = proc_status(pid).get("VmHWM")
-    return kb * 1024 / GIB if kb is not None else None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds the process has used (its threads included)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def wait_idle(pid: int, timeout: float = 180.0, busy_below: float = 0.1, quiet_for: float = 2.0) -> float:
-    """Wait until the process uses less than ``busy_below`` of a core for ``quiet_for`` seconds
-    (its background warm-up done); return the seconds waited (the timeout at most)."""
-    start = last_t = time.perf_counter()
-    last_cpu, quiet = cpu_seconds(pid), 0.0
-    while time.perf_counter() - start < timeout:
-        time.sleep(0.5)
-        now, cpu = time.perf_counter(), cpu_seconds(pid)
-        if cpu is None or last_cpu is None:
-            break
-        quiet = quiet + (now - last_t) if (cpu - last_cpu) / (now - last_t) < busy_below else 0.0
-        last_t, last_cpu = now, cpu
-        if quiet >= quiet_for:
-            break
-    return time.perf_counter() - start
-
-
-def headless_flags(app: Path, device: str | None) -> list[str]:
-    """The flags of ``app.py --help`` that keep a run on loopback and off any browser / public link."""
-    try:
-        text = subprocess.run([sys.executable, str(app), "--help"], capture_output=True, text=True, timeout=120,
-                              cwd=app.parent).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise BenchError(f"`python app.py --help` failed: {exc}") from exc
-    if "--port" not in text:
-        raise BenchError("`python app.py --help` offers no --port; cannot start the app on a free port")
-    flags = []
-    if "--host" in text:
-        flags += ["--host", "127.0.0.1"]
-    if device and "--device" in text:
-        flags += ["--device", device]
-    for flag in ("--no-browser", "--no-share"):
-        if flag in text:
-            flags.append(flag)
-    return flags
-
-
-class AppProcess:
-    """``python app.py ARGS`` on a free port, started and stopped by the project's own launcher
-    (:mod:`pmpo.app.launcher`, which the tests use too)."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str]):
-        self.args = args
-        self.log_path = log_path
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-        self.url: str | None = None
-        self.startup_s: float | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def command(self) -> str:
-        return "python app.py " + " ".join(self.args)
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def start(self, timeout: float) -> float:
-        from pmpo.app.launcher import launch
-
-        try:
-            self.proc, self.url, self.startup_s = launch(self.args, self.log_path, env=self.env, timeout=timeout)
-        except RuntimeError as exc:  # exited, or did not serve in time (the launcher killed it)
-            raise BenchError(str(exc)[-2000:]) from exc
-        return self.startup_s
-
-    def stop(self) -> None:
-        from pmpo.app.launcher import stop
-
-        if self.proc is not None and self.proc.poll() is None:
-            stop(self.proc)
-
-
-# --- images -----------------------------------------------------------------------------------------
-def render_set(folder: Path, classes: Sequence[str], seed: int, px: int, tag: str) -> list[Path]:
-    """One new ShapeWorld render per class (seeded: the same run renders the same images)."""
-    import numpy as np
-    from PIL import Image
-
-    from pmpo.data import shapeworld as sw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    names = sw.class_names()
-    paths = []
-    for i, cls in enumerate(classes):
-        index = names.index(cls) if cls in names else i % len(names)
-        sample = sw.sample_class_scene(index, np.random.default_rng([seed, i]), style="pretrain", size=px)
-        path = folder / f"{tag}_{cls.replace(' ', '_')}.png"
-        Image.fromarray(sample.image, "RGB").save(path)
-        paths.append(path)
-    return paths
-
-
-# --- the floor ----------------------------------------------------------------------------------------
-def measure_floor(model: str, pretrained: str | None, sets: Sequence[Sequence[Path]], warmup: Sequence[Path],
-                  threads: int, template: str, n_text: int = N_BIG_CLASSES, text: bool = True,
-                  floor_repeats: int = 3) -> dict[str, Any]:
-    """encode_image on each set of 8 and on its first image (medians of at least ``floor_repeats``
-    timings, cycling over the sets), after a warm-up call; and
-    ``n_text`` plain prompts through the library's (truncating) text encoder once. Frees the model."""
-    import torch
-    from PIL import Image
-
-    from pmpo.backbone import load_backbone
-    from pmpo.data.transforms import build_transform
-
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    bb = load_backbone(model, None if pretrained in (None, "", "none") else pretrained, device="cpu")
-    load_s = time.perf_counter() - t0
-    transform = build_transform(bb.image_size, bb.mean, bb.std, train=False)
-
-    def batch(paths: Sequence[Path]) -> torch.Tensor:
-        return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
-
-    cores: list[float] = []  # CPU seconds / wall seconds of each timed call: ~threads when it had the cores to itself
-
-    def timed(fn: Callable[[], Any]) -> float:
-        c, t = time.process_time(), time.perf_counter()
-        fn()
-        wall = time.perf_counter() - t
-        cores.append((time.process_time() - c) / wall if wall > 0 else 0.0)
-        return wall
-
-    out: dict[str, Any] = {"model": bb.model_name, "pretrained": bb.pretrained, "threads": torch.get_num_threads(),
-                           "image_size": bb.image_size, "load_s": load_s}
-    try:
-        with torch.no_grad():
-            x = batch(warmup)
-            bb.clip.encode_image(x)
-            bb.clip.encode_image(x[:1])
-            b8, b1, prep = [], [], []
-            encode = bb.clip.encode_image
-            for paths in [sets[i % len(sets)] for i in range(max(floor_repeats, len(sets)))]:
-                t = time.perf_counter()
-                x = batch(paths)
-                prep.append(time.perf_counter() - t)
-                b8.append(timed(lambda x=x: encode(x)))
-                b1.append(timed(lambda x=x: encode(x[:1])))
-            out.update(batch8_s=summarize(b8), single_s=summarize(b1), batch8_samples=b8, single_samples=b1,
-                       preprocess8_s=statistics.median(prep))
-            out["cores_used"] = statistics.median(cores)
-            out["text1000_s"] = None
-            if text:
-                from pmpo.encoders import TextEncoder
-
-                enc = TextEncoder(bb.clip, bb.tokenizer)
-                enc.encode_tokens(enc.tokenize([template.format(c) for c in class_list(8, 99)]))
-                tokens = enc.tokenize([template.format(c) for c in class_list(n_text, 98)])
-                out["text1000_s"] = timed(lambda: enc.encode_tokens(tokens))
-    finally:
-        del bb
-        gc.collect()
-    return out
 
 
 # --- driving the app ------------------------------------------------------------------------------------
@@ -597,7 +238,7 @@ def run_training(client, endpoints: dict, method: str, epochs: int, files: Seque
     if parsed["done_s"] is None:
         raise BenchError(f"/train ({method}) ended without a report with done=true")
     parsed["timeline"] = [{"t": round(t, 3), "phase": (r or {}).get("phase"), "heldout": len((r or {}).get("heldout") or []),
-                           "done": (r or {}).get("done")} for t, raw in events for r in [_as_report(raw)]]
+                           "done": (r or {}).get("done")} for t, raw in events for r in [as_report(raw)]]
     parsed["last_status"] = statuses[-1][1] if statuses else None
     return parsed
 
@@ -753,7 +394,7 @@ def run_backbone(key: str, opts: argparse.Namespace, work: Path, into: list | No
                          for k, v in cpu.items() if v)
         if used:
             res["notes"].append(f"App process CPU per call (median CPU seconds, and CPU ÷ wall = cores kept busy): {used}; "
-                                f"the floor kept {_fmt(floor.get('cores_used'), 1)} cores busy with {floor.get('threads')} threads"
+                                f"the floor kept {fmt(floor.get('cores_used'), 1)} cores busy with {floor.get('threads')} threads"
                                 + (" (fewer: other work had part of the CPU)."
                                    if (floor.get("cores_used") or 0) < 0.8 * (floor.get("threads") or 1) else "."))
 
@@ -800,7 +441,7 @@ def run_trainings(res: dict, client, endpoints: dict, bb: tuple[str, str], work:
         res["notes"].append(f"The Train tab's Epochs slider starts at {page}; the benchmark used {epochs} ({source}).")
     gain_target = cfg.get("gain_target")
     for m, whole_target in ((method, cfg.get("whole_run_target_s")), ("coop", COOP_TARGET_S)):
-        label = (f"Train {METHOD_NAMES.get(m, m)} (≤ {epochs} epochs, budget {budget:g} s, "
+        label = (f"Train {method_title(m)} (≤ {epochs} epochs, budget {budget:g} s, "
                  f"{len(files)} example images)")
         try:
             t = run_training(client, endpoints, m, epochs, files, bb, opts.train_timeout,
@@ -827,9 +468,9 @@ def run_trainings(res: dict, client, endpoints: dict, bb: tuple[str, str], work:
             points, secs = gain_target
             within, first = t.get(f"best_gain_within_{secs:g}s"), t.get(f"first_gain_{points:g}_s")
             ok = within is not None and within >= points
-            target = (f"gain ≥ {points:g} points within {secs:g} s (best then {_fmt(within, 1)}; "
-                      f"≥ {points:g} first at {_fmt(first, 1)} s)")
-        rows.append(make_row(f"{label}: held-out zero-shot → trained; {_fmt(ips, 1)} images/s", [], value_text=text,
+            target = (f"gain ≥ {points:g} points within {secs:g} s (best then {fmt(within, 1)}; "
+                      f"≥ {points:g} first at {fmt(first, 1)} s)")
+        rows.append(make_row(f"{label}: held-out zero-shot → trained; {fmt(ips, 1)} images/s", [], value_text=text,
                              target=target, ok=ok))
 
 
@@ -880,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "load_before": list(os.getloadavg()),
                     "torch": torch.__version__, "gradio": gradio.__version__, "gradio_client": gradio_client.__version__,
                     "python": platform.python_version(), "threads": opts.threads,
-                    "nice": os.nice(0), "mem_total_gib": _mem_total_gib()},
+                    "nice": os.nice(0), "mem_total_gib": mem_total_gib()},
         "backbones": [],
     }
     load = result["machine"]["load_before"][0]
@@ -911,16 +552,6 @@ def main(argv: list[str] | None = None) -> int:
                 opts.json.write_text(json.dumps(result, indent=1, default=str))
             print(text)
     return status
-
-
-def _mem_total_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return None
 
 
 if __name__ == "__main__":

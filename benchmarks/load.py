@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from pmpo.app.launcher import launch, stop  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import peak_rss_gib  # noqa: E402  (the demo benchmark's reader of the app's peak RSS)
+from demo_process import peak_rss_gib  # noqa: E402  (the demo benchmark's reader of the app's peak RSS)
 
 CLASSES = "red circle, red triangle, blue circle, blue triangle, green hexagon, green diamond, yellow hexagon, yellow diamond"
 

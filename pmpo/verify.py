@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .children import run_child
+from .config import method_title
 from .errors import InputError, PMPOError
 from .reference_bench import EXTRA_PACKAGES, REPOS, checkout_commit, validate_checkout
 
@@ -46,7 +47,6 @@ class MethodSpec:
     """Where a method's reference trainer lives and how its config is named."""
 
     method: str  # our preset
-    label: str
     repo: str  # key of REPOS holding the trainer
     code_root: str  # folder inside the checkout with train.py, trainers/ and clip/
     dassl: str  # key of REPOS, or "<repo>:<folder>" for a Dassl shipped inside the checkout
@@ -54,6 +54,10 @@ class MethodSpec:
     trainer_class: str
     config: str  # their trainer yaml, relative to code_root
     node: str  # cfg.TRAINER.<node>
+
+    @property
+    def label(self) -> str:
+        return method_title(self.method)  # the preset's title, as every table names the method
 
     @property
     def trainer_file(self) -> str:
@@ -65,17 +69,17 @@ class MethodSpec:
 
 
 SPECS: dict[str, MethodSpec] = {s.method: s for s in (
-    MethodSpec("coop", "CoOp", "coop", "", "dassl", "coop", "CoOp", "configs/trainers/CoOp/vit_b16_ctxv1.yaml", "COOP"),
-    MethodSpec("cocoop", "CoCoOp", "coop", "", "dassl", "cocoop", "CoCoOp",
+    MethodSpec("coop", "coop", "", "dassl", "coop", "CoOp", "configs/trainers/CoOp/vit_b16_ctxv1.yaml", "COOP"),
+    MethodSpec("cocoop", "coop", "", "dassl", "cocoop", "CoCoOp",
                "configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml", "COCOOP"),
-    MethodSpec("kgcoop", "KgCoOp", "kgcoop", "KgCoOp", "kgcoop:Dassl.ProGrad.pytorch", "kgcoop", "KgCoOp",
+    MethodSpec("kgcoop", "kgcoop", "KgCoOp", "kgcoop:Dassl.ProGrad.pytorch", "kgcoop", "KgCoOp",
                "configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml", "COOP"),
-    MethodSpec("maple", "MaPLe", "maple", "", "dassl", "maple", "MaPLe",
+    MethodSpec("maple", "maple", "", "dassl", "maple", "MaPLe",
                "configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml", "MAPLE"),
-    MethodSpec("ivlp", "IVLP", "maple", "", "dassl", "independentVL", "IVLP",
+    MethodSpec("ivlp", "maple", "", "dassl", "independentVL", "IVLP",
                "configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml", "IVLP"),
-    MethodSpec("vpt", "VPT", "maple", "", "dassl", "vpt", "VPT", "configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml", "VPT"),
-    MethodSpec("promptsrc", "PromptSRC", "promptsrc", "", "dassl", "promptsrc", "PromptSRC",
+    MethodSpec("vpt", "maple", "", "dassl", "vpt", "VPT", "configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml", "VPT"),
+    MethodSpec("promptsrc", "promptsrc", "", "dassl", "promptsrc", "PromptSRC",
                "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml", "PROMPTSRC"),
 )}
 METHODS = tuple(SPECS)

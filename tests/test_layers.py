@@ -225,3 +225,17 @@ def test_the_library_core_imports_no_upper_layer():
     offenders = sorted(f"{m} -> {t}" for m, ts in GRAPH.items() if not _in(m, NOT_CORE)
                        for t in ts if _in(t, UPPER))
     assert offenders == []
+
+
+# One job per module: past this many lines a module has usually grown a second one. The library, the
+# app, the analyses, the tools and the benchmarks all count; tests do not.
+MAX_MODULE_LINES = 600
+ROOT = PACKAGE.parent
+
+
+def test_no_module_is_over_the_size_limit():
+    files = [p for folder in ("pmpo", "app", "analysis", "tools", "benchmarks") for p in (ROOT / folder).rglob("*.py")]
+    files.append(ROOT / "app.py")
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines()) for p in files}
+    assert len(sizes) > 100 and "pmpo/model.py" in sizes
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
