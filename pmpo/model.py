@@ -329,12 +329,17 @@ class PMPOModel(nn.Module):
     # --- logits and losses -----------------------------------------------------------------------
     def logits_from(self, views: Sequence[VisionOutput], cw: ClassWeights) -> torch.Tensor:
         """Logits [B, C] of the image views of :meth:`encode_image` against ``cw``."""
+        return self._scored(views, cw)[0]
+
+    def _scored(self, views: Sequence[VisionOutput], cw: ClassWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, C] and the prompts they were computed with: ``cw.prompts`` [N, C, D], or with a
+        meta-net (CoCoOp) each image's own [B, N, C, D] from its per-image text pass."""
         scale = self.logit_scale
         if cw.conditional:
-            weights, _ = self.conditional_weights(views[0].features, cw)
-            return scale * torch.einsum("bd,bcd->bc", F.normalize(views[0].features.float(), dim=-1), weights)
+            weights, prompts = self.conditional_weights(views[0].features, cw)
+            return scale * torch.einsum("bd,bcd->bc", F.normalize(views[0].features.float(), dim=-1), weights), prompts
         if len(views) == 1:
-            return scale * F.normalize(views[0].features.float(), dim=-1) @ cw.weights.t()
+            return scale * F.normalize(views[0].features.float(), dim=-1) @ cw.weights.t(), cw.prompts
         # per_prompt pass: prompt i's image feature meets prompt i's class embedding, each mixed
         # with the prior as in the single pass; the N views are averaged.
         alpha = self.cfg.alpha
@@ -342,7 +347,7 @@ class PMPOModel(nn.Module):
         for i, out in enumerate(views):
             w_i = F.normalize((1 - alpha) * cw.prompts[i] + alpha * cw.prior, dim=-1)
             logits = logits + F.normalize(out.features.float(), dim=-1) @ w_i.t()
-        return scale * logits / len(views)
+        return scale * logits / len(views), cw.prompts
 
     def forward(self, images: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         """Logits [B, C] for a batch of preprocessed images and a class list."""
@@ -366,12 +371,7 @@ class PMPOModel(nn.Module):
             raise InputError(f"method {cfg.method!r} learns inside the image tower: its image features "
                              "cannot be computed ahead of the step")
         feats = [F.normalize(v.features.float(), dim=-1) for v in views]
-        prompts = cw.prompts  # [N, C, D], or [B, N, C, D] per image with a meta-net
-        if cw.conditional:
-            weights, prompts = self.conditional_weights(views[0].features, cw)
-            logits = self.logit_scale * torch.einsum("bd,bcd->bc", feats[0], weights)
-        else:
-            logits = self.logits_from(views, cw)
+        logits, prompts = self._scored(views, cw)  # prompts: [N, C, D], or [B, N, C, D] with a meta-net
         labels = labels.to(logits.device)
         ce = F.cross_entropy(logits, labels)
         out = {"logits": logits, "ce": ce, "loss": ce}
