@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import itertools
 import logging
 import os
 import re
@@ -193,7 +192,6 @@ class LoadedModel:
     choice: str
     spec: BackboneSpec
     notices: list[str] = field(default_factory=list)
-    uid: int = field(default_factory=itertools.count().__next__)
 
     @functools.cached_property
     def fingerprint(self) -> str:

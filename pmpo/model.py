@@ -22,6 +22,7 @@ logits with the frozen CLIP's (``loss``).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -355,14 +356,19 @@ class PMPOModel(nn.Module):
         return self.logits_from(self.encode_image(images), cw)
 
     def loss(self, images: torch.Tensor | None, labels: torch.Tensor, classnames: Sequence[str],
-             views: Sequence[VisionOutput] | None = None, cache: TensorCache | None = None) -> dict[str, torch.Tensor]:
+             views: Sequence[VisionOutput] | None = None, cache: TensorCache | None = None,
+             vision: VisionOutput | None = None) -> dict[str, torch.Tensor]:
         """Training objective: CE plus the weighted terms of :data:`pmpo.losses.TERMS` — per-prompt
         auxiliary CE (β), prior consistency (λ) and PromptSRC's self-regulating terms (L1 text, L1
         image, KL logits) — each computed only when its weight is not 0.
 
         ``views`` replaces the image pass with features computed earlier; only valid when the image
         side is frozen (:attr:`frozen_image_side`), where they are the same numbers. ``cache`` keeps
-        the frozen text features (prior, PromptSRC's teacher) from step to step."""
+        the frozen text features (prior, PromptSRC's teacher) from step to step. ``vision`` (one
+        view) is the deprecated spelling of ``views``, kept until 0.3."""
+        if vision is not None:
+            warnings.warn("PMPOModel.loss(vision=...) is deprecated: pass views=[vision]", DeprecationWarning, stacklevel=2)
+            views = [vision] if views is None else views
         cfg = self.cfg
         cw = self.class_weights(classnames, cache=cache)
         if views is None:
@@ -418,20 +424,21 @@ class PMPOModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Sequence, classnames: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """Softmax probabilities [B, C] for PIL images (or paths), with the eval transform applied."""
+        """Softmax probabilities [B, C] for PIL images (or paths), with the eval transform applied:
+        the class weights once, then one image pass per batch. Nothing about the model changes (no
+        mode switch: the frozen CLIP is always in eval mode and the prompts have no dropout)."""
         from .data.loader import load_image
 
-        was_training = self.training
-        self.eval()
         transform = self.eval_transform()
         pils = [load_image(im) if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__") else im for im in images]
         if not pils:
             raise InputError("no images given")
         out = []
-        for start in range(0, len(pils), batch_size):
-            batch = torch.stack([transform(im.convert("RGB")) for im in pils[start:start + batch_size]])
-            out.append(self(batch, classnames).softmax(dim=-1))
-        self.train(was_training)
+        with torch.no_grad():
+            cw = self.class_weights(classnames)
+            for start in range(0, len(pils), batch_size):
+                batch = torch.stack([transform(im.convert("RGB")) for im in pils[start:start + batch_size]])
+                out.append(self.logits_from(self.encode_image(batch), cw).softmax(dim=-1))
         return torch.cat(out)
 
 

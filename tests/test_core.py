@@ -392,3 +392,14 @@ def test_openai_weights_get_quick_gelu():
     assert _needs_quick_gelu("ViT-B-16-quickgelu", "openai", None) is False
     assert _needs_quick_gelu("ViT-B-16", "laion2b_s34b_b88k", None) is False
     assert _needs_quick_gelu("ViT-B-16", "openai", False) is False
+
+
+def test_loss_keeps_the_deprecated_vision_keyword(backbone):
+    model = make(backbone, "coop")
+    x, labels = images(2), torch.tensor([0, 1])
+    with torch.no_grad():
+        views = model.encode_image(x)
+        with pytest.warns(DeprecationWarning, match="views="):
+            old = model.loss(None, labels, CLASSES, vision=views[0])["loss"]
+        new = model.loss(None, labels, CLASSES, views=views)["loss"]
+    assert torch.equal(old, new)
