@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"time at most this many of the naive pass's identical {d.naive_chunk}-sequence calls per class "
                         f"count and scale to the full pass; 0 = time them all ({both('naive_max_chunks')})")
     p.add_argument("--methods", type=_str_list, default=d.train_methods,
-                   help=f"training rows, comma-separated from {','.join(TRAIN_METHODS)} (default: all)")
+                   help=f"training rows, comma-separated methods: any preset (default: {','.join(TRAIN_METHODS)})")
     p.add_argument("--infer-methods", type=_str_list, default=d.infer_methods,
                    help="inference rows, comma-separated methods (default: pmpo); e.g. pmpo,coop,cocoop puts "
                         "CoCoOp's per-image class weights beside CoOp's cached ones")
