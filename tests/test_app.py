@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pmpo.app.examples import example_images, label_from_filename
 from pmpo.app.features import image_digest, preprocess
 from pmpo.app.state import LRU, UNTRAINED, AppState, BackboneSpec, open_state
 from pmpo.errors import CheckpointError, InputError
+from pmpo.model import PMPOModel
 
 TEMPLATES = ["a photo of a {}."]
 CLASSES = ["red circle", "blue square", "green triangle"]
@@ -566,11 +568,19 @@ def test_time_budget_fits_the_epochs_and_stops_the_run(state, tmp_path, monkeypa
     assert final.done and not final.error, final.status
     assert final.report["epochs"] == 4 and any("fitted to the 5 s budget" in u.status for u in updates), final.status
     # An estimate that was too hopeful: the budget still ends the run, and keeps what was learned.
+    # Every step takes at least 50 ms, so no machine finishes 50 epochs inside 2 s.
     monkeypatch.setattr(train_tab, "estimate", lambda *a, **k: recipe.Estimate(0.0, 1e-6, 0.0))
+    real_loss, steps = PMPOModel.loss, []
+
+    def slow_loss(self, *args, **kwargs):
+        steps.append(time.sleep(0.05))
+        return real_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(PMPOModel, "loss", slow_loss)
     final = list(train_tab.run_training(state, state.default_spec, "pmpo", 50, items, names, threading.Event(),
                                         poll_s=0.05, budget_s=2))[-1]
     assert final.report["epochs"] == 50 and final.report["stopped"] and "time budget" in final.status, final.status
-    assert final.choice is not None and final.history[-1]["step"] < final.history[-1]["total_steps"]
+    assert final.choice is not None and steps and final.history[-1]["step"] < final.history[-1]["total_steps"]
     with pytest.raises(InputError, match="time budget"):
         next(train_tab.run_training(state, state.default_spec, "pmpo", 2, items, names, threading.Event(), budget_s=-1))
 
