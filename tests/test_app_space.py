@@ -118,7 +118,7 @@ def test_space_limit_stops_a_long_training_with_a_held_out_result(tiny_model, tm
                                "PMPO_MAX_TRAIN_SECONDS": "4", "PMPO_ALLOWED_BACKBONES": tiny_model})
     try:
         client = Client(url, verbose=False)
-        files = [handle_file(p) for p in fashion_images(per_class=FASHION_PER_CLASS)[:40]]
+        files = [handle_file(p) for p in fashion_images(per_class=FASHION_PER_CLASS)]  # 120: 50 epochs outlast 4 s anywhere
         job = client.submit(train_files=files, zip_file=None, method="pmpo", epochs=50, time_budget=0,
                             api_name="/train")
         status, _, report, checkpoint, _ = job.outputs()[-1] if job.result() is not None else (None,) * 5
@@ -246,12 +246,14 @@ def test_zerogpu_runs_the_kernels_in_forked_workers_with_the_same_answers(tiny_m
         first = calls.read_text().split()
         assert {"encode_batch", "text_weights"} <= set(first[::2]), first
 
-        files = [handle_file(p) for p in fashion_images(per_class=FASHION_PER_CLASS)[:40]]
+        files = [handle_file(p) for p in fashion_images(per_class=FASHION_PER_CLASS)]  # 120: 50 epochs outlast 4 s anywhere
         job = client.submit(train_files=files, zip_file=None, method="pmpo", epochs=50, time_budget=0, api_name="/train")
         job.result(timeout=300)
         status, _, report, checkpoint, _ = job.outputs()[-1]
-        assert "Stopped at the time budget" in status and "Held-out accuracy" in status, status
-        assert report["stopped"] and report["heldout"] and Path(checkpoint).is_file()
+        # Stopped at the limit, or fitted to it from the start (the estimate's choice on this machine).
+        assert "Held-out accuracy" in status and report["heldout"] and Path(checkpoint).is_file(), status
+        assert report["budget_s"] == 4 and (report["stopped"] or report["epochs"] < 50), report
+        assert ("Stopped at the time budget" in status) == report["stopped"], status
         names = calls.read_text().split()[::2]
         assert {"time_passes", "train_session"} <= set(names), names
         trained = report["checkpoint"]
