@@ -327,12 +327,13 @@ def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
     theirs.eval()
     with torch.no_grad():
         their_logits = theirs(images).float()
+        # As a server and a training run keep them: the frozen prior once per class list, the class
+        # weights of fixed prompts once. Training's prior is warmed in fp32, outside the timed step.
+        infer_cache, train_cache = TensorCache(), TensorCache()
         with ctx():
-            our_logits = ours_infer(images, names).float()
-            # As a server and a training run keep them: the frozen prior once per class list (shared
-            # by both models: same backbone, same templates), the class weights of fixed prompts once.
-            text_cache = TensorCache()
-            weights = ours_infer.class_weights(names, cache=text_cache)
+            weights = ours_infer.class_weights(names, cache=infer_cache)
+            our_logits = ours_infer.logits_from(ours_infer.encode_image(images), weights).float()
+        ours_train.prior_features(names, cache=train_cache)
 
     def their_infer() -> None:
         theirs.eval()  # Dassl's test(): set_model_mode("eval"), then model(input) under no_grad
@@ -345,7 +346,7 @@ def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
 
     def our_infer_uncached() -> None:  # the class weights again, the prior from the cache
         with torch.no_grad(), ctx():
-            ours_infer.logits_from(ours_infer.encode_image(images), ours_infer.class_weights(names, cache=text_cache))
+            ours_infer.logits_from(ours_infer.encode_image(images), ours_infer.class_weights(names, cache=infer_cache))
 
     def their_step() -> None:
         theirs.train()  # their forward_backward, non-amp path
@@ -360,7 +361,7 @@ def child_run(payload: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
     def our_step() -> None:
         our_optim.zero_grad(set_to_none=True)
         with ctx():
-            loss = ours_train.loss(images, labels, names, cache=text_cache)["loss"]
+            loss = ours_train.loss(images, labels, names, cache=train_cache)["loss"]
         loss.backward()
         our_optim.step()
 
