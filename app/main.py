@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     say("starting the PMPO demo: importing torch, open_clip and gradio…")
     from pmpo.app import zerogpu
-    from pmpo.app.state import open_state
+    from pmpo.app.startup import open_state
     from pmpo.app.ui import allowed_paths, build_demo
     from pmpo.device import resolve_device
     from pmpo.errors import PMPOError

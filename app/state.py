@@ -18,17 +18,14 @@ import functools
 import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import torch
 
@@ -37,18 +34,16 @@ from pmpo.cache import TensorCache
 from pmpo.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint
 from pmpo.config import PMPOConfig
 from pmpo.engine import seeded_init
-from pmpo.errors import BackboneLoadError, CheckpointError, InputError, PMPOError
+from pmpo.errors import CheckpointError, InputError
 from pmpo.model import ClassWeights, PMPOModel, build_model, clean_classnames
 
 from . import zerogpu
 from .features import ImageFeatures
+from .lru import LRU
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "ViT-B-16-quickgelu"
-DEFAULT_PRETRAINED = "openai"
 UNTRAINED = "untrained PMPO (init)"
-DEFAULT_SHIPPED = "pmpo"  # shipped prompts selected at start when the backbone has them
 UPLOAD_PREFIX = "upload: "
 TRAINED_PREFIX = "trained: "
 SHIPPED_PREFIX = "shipped: "
@@ -68,67 +63,6 @@ def _remove_stored(path: str | Path) -> None:
 def _session_folder(session: str) -> str:
     """A folder name for a session that never exposes (or trusts) the raw session hash."""
     return "s-" + hashlib.sha256(session.encode()).hexdigest()[:16]
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-
-class LRU(Generic[K, V]):
-    """A small thread-safe least-recently-used map with a hard size bound."""
-
-    def __init__(self, capacity: int, on_evict: Callable[[K, V], None] | None = None):
-        self.capacity = capacity
-        self._data: OrderedDict[K, V] = OrderedDict()
-        self._lock = threading.Lock()
-        self._on_evict = on_evict
-
-    def get(self, key: K) -> V | None:
-        with self._lock:
-            if key not in self._data:
-                return None
-            self._data.move_to_end(key)
-            return self._data[key]
-
-    def put(self, key: K, value: V) -> None:
-        evicted = []
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                evicted.append(self._data.popitem(last=False))
-        for k, v in evicted:
-            if self._on_evict:
-                self._on_evict(k, v)
-
-    def pop(self, key: K) -> V | None:
-        with self._lock:
-            return self._data.pop(key, None)
-
-    def get_or_load(self, key: K, load: Callable[[], V], load_lock: threading.RLock) -> V:
-        """Cached value, or ``load()`` once under ``load_lock`` (concurrent callers wait for it
-        rather than loading the same model twice)."""
-        found = self.get(key)
-        if found is not None:
-            return found
-        with load_lock:
-            found = self.get(key)
-            if found is None:
-                found = load()
-                self.put(key, found)
-        return found
-
-    def keys(self) -> list[K]:
-        with self._lock:
-            return list(self._data)
-
-    def items(self) -> list[tuple[K, V]]:
-        with self._lock:
-            return list(self._data.items())
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._data)
-
 
 class InferenceGate:
     """Lets a training give way to visitors' requests: inference holds ``busy()``; the training
@@ -491,97 +425,4 @@ def offline_model_present() -> bool:
 
 
 # --- start-up -------------------------------------------------------------------------------------
-HOW_TO_LOAD = (
-    "To load real CLIP weights: run once with a network so they reach the Hugging Face cache "
-    "(`python app.py --model ViT-B-16-quickgelu --pretrained openai`), or pass a weights file "
-    "(`--pretrained /path/open_clip_model.safetensors`) or an open_clip folder (`--model local-dir:/path`)."
-)
-
-
-def open_state(
-    model: str | None = None,
-    pretrained: str | None = None,
-    checkpoint: str | None = None,
-    device: str | torch.device = "cpu",
-    cache_dir: str | Path | None = None,
-    shipped_dir: str | Path | None = None,
-) -> AppState:
-    """Load the start-up backbone, falling back (with a visible notice) when it cannot be had.
-
-    Order: the requested backbone (or the one a ``checkpoint`` names, or ViT-B/16 + OpenAI);
-    without network or local copy the shipped offline ShapeWorld CLIP; if that is not there
-    either, the requested architecture with random weights, so the app still serves and says why.
-    """
-    notices: list[str] = []
-    if checkpoint and model is None:
-        try:
-            stored = checkpoint_config(checkpoint)
-            model, pretrained = resolve_model_name(stored.model), stored.pretrained
-        except PMPOError as exc:
-            notices.append(f"**Checkpoint not loaded:** {exc}")
-            checkpoint = None
-    requested = BackboneSpec.of(model or DEFAULT_MODEL, pretrained if model else (pretrained or DEFAULT_PRETRAINED))
-
-    attempts = [requested]
-    if requested.model != OFFLINE_MODEL:
-        attempts.append(BackboneSpec.of(OFFLINE_MODEL, None))
-    fallback_arch = requested.model if not requested.model.startswith(LOCAL_DIR) else DEFAULT_MODEL
-    attempts.append(BackboneSpec(fallback_arch, "none"))
-
-    loaded: tuple[BackboneSpec, Backbone] | None = None
-    failures: list[str] = []
-    for spec in attempts:
-        if spec.model == OFFLINE_MODEL and not offline_model_present():
-            failures.append(
-                "the shipped offline ShapeWorld CLIP (checkpoints/shapeworld-clip/) is not in this copy "
-                "(it is produced by tools/pretrain_shapeworld.py)"
-            )
-            continue
-        try:
-            loaded = (spec, load_backbone(spec.model, spec.pretrained, device=device))
-            break
-        except BackboneLoadError as exc:
-            failures.append(str(exc))
-    if loaded is None:  # only when even a random-init build fails: nothing sensible to serve
-        raise BackboneLoadError("no backbone could be loaded: " + " | ".join(failures))
-    spec, backbone = loaded
-
-    if spec != requested:
-        reason = failures[0] if failures else ""
-        what = (
-            "the offline **ShapeWorld CLIP** (a small CLIP pretrained on synthetic coloured shapes; "
-            "it knows classes like 'red circle' or 'blue star', not real-world objects)"
-            if spec.model == OFFLINE_MODEL
-            else f"**{spec.label} with random weights — predictions are meaningless**"
-        )
-        notices.append(f"Could not load {requested.label}: {_first_sentence(reason)}. Running {what}. {HOW_TO_LOAD}")
-        if spec.model != OFFLINE_MODEL and len(failures) > 1:
-            notices.append(f"Also unavailable: {failures[1]}.")
-    elif spec.model == OFFLINE_MODEL:
-        notices.append("Running the offline **ShapeWorld CLIP** (synthetic coloured shapes). " + HOW_TO_LOAD)
-    elif spec.pretrained in (None, "none") and not spec.model.startswith(LOCAL_DIR):
-        notices.append(f"Running **{spec.label}**: random weights, predictions are meaningless (for speed tests).")
-
-    state = AppState(device, spec, notices, cache_dir=cache_dir, shipped_dir=shipped_dir)
-    state.add_backbone(spec, backbone)
-    default_shipped = SHIPPED_PREFIX + DEFAULT_SHIPPED
-    if default_shipped in state.shipped_choices():
-        state.default_choice = default_shipped  # the learned column shows learned prompts from the first click
-    if checkpoint:
-        try:
-            choice = state.add_checkpoint_file(checkpoint)
-            state.model(spec, choice)
-            state.default_choice = choice
-        except PMPOError as exc:
-            state.notices.append(f"**Checkpoint not loaded:** {exc}")
-    return state
-
-
-def _first_sentence(text: str) -> str:
-    text = re.sub(r"^could not load [^:]+: ", "", text.strip())  # the notice already names the backbone
-    cut = text.find(". ")
-    return (text[:cut] if cut > 0 else text).rstrip(".")[:300]
-
-
-__all__ = ["AppState", "BackboneSpec", "LoadedModel", "LRU", "UNTRAINED", "HOW_TO_LOAD", "open_state",
-           "offline_model_present"]
+__all__ = ["AppState", "BackboneSpec", "LoadedModel", "UNTRAINED", "offline_model_present"]

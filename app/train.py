@@ -30,6 +30,7 @@ from pmpo.errors import InputError, PMPOError
 from pmpo.model import build_model
 
 from . import zerogpu
+from .lru import LRU
 from .recipe import (
     APP_CACHED_VIEWS,
     MAX_BUDGET_S,
@@ -42,7 +43,7 @@ from .recipe import (
     train_config,
 )
 from .session import StopFlag, train_session
-from .state import LRU, TRAINED_PREFIX, AppState, BackboneSpec, is_offline_model
+from .state import TRAINED_PREFIX, AppState, BackboneSpec, is_offline_model
 from .trainset import HOLDOUT_EVERY, MAX_TRAIN_IMAGES, check_images, split_holdout
 
 log = logging.getLogger(__name__)

@@ -14,13 +14,15 @@ import torch
 from PIL import Image
 
 from pmpo import PMPOConfig, build_model, save_checkpoint
-from pmpo.app import attention, benchmarks, classify, embeddings, inputs, recipe, session, trainset
+from pmpo.app import attention, benchmarks, classify, embeddings, inputs, recipe, session, startup, trainset
 from pmpo.app import examples as app_examples
 from pmpo.app import state as app_state
 from pmpo.app import train as train_tab
 from pmpo.app.examples import example_images, label_from_filename
 from pmpo.app.features import image_digest, preprocess
-from pmpo.app.state import LRU, UNTRAINED, AppState, BackboneSpec, open_state
+from pmpo.app.lru import LRU
+from pmpo.app.startup import open_state
+from pmpo.app.state import UNTRAINED, AppState, BackboneSpec
 from pmpo.errors import CheckpointError, InputError
 from pmpo.model import PMPOModel
 
@@ -162,8 +164,8 @@ def test_uploads_belong_to_their_session_and_are_bounded(state, trained_checkpoi
 
 
 def test_startup_falls_back_to_offline_model_with_notice(tiny_model, monkeypatch, tmp_path):
-    monkeypatch.setattr(app_state, "OFFLINE_MODEL", tiny_model)
-    monkeypatch.setattr(app_state, "offline_model_present", lambda: True)
+    monkeypatch.setattr(startup, "OFFLINE_MODEL", tiny_model)
+    monkeypatch.setattr(startup, "offline_model_present", lambda: True)
     st = open_state("local-dir:/nonexistent/clip", None, device="cpu", cache_dir=tmp_path)
     assert st.default_spec.model == tiny_model
     notice = " ".join(st.notices)
@@ -171,7 +173,7 @@ def test_startup_falls_back_to_offline_model_with_notice(tiny_model, monkeypatch
 
 
 def test_startup_without_offline_model_runs_random_weights_and_says_so(monkeypatch, tmp_path):
-    monkeypatch.setattr(app_state, "offline_model_present", lambda: False)
+    monkeypatch.setattr(startup, "offline_model_present", lambda: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     st = open_state("ViT-B-32-quickgelu", "openai", device="cpu", cache_dir=tmp_path)
     assert st.default_spec == BackboneSpec("ViT-B-32-quickgelu", "none")

@@ -10,8 +10,8 @@ import torch
 
 from pmpo import PMPOConfig, build_model, load_backbone, save_checkpoint
 from pmpo.app import examples as app_examples
-from pmpo.app import state as app_state
 from pmpo.app.launcher import launch, stop
+from pmpo.app.startup import open_state
 from pmpo.app.train import TrainJobs, TrainLimits
 from pmpo.errors import InputError
 
@@ -182,7 +182,7 @@ def test_a_training_gives_way_to_requests_between_its_steps(tiny_model, tmp_path
     from pmpo.app import train as train_tab
     from pmpo.app import trainset
 
-    st = app_state.open_state(tiny_model, None, device="cpu", cache_dir=tmp_path / "cache", shipped_dir=tmp_path)
+    st = open_state(tiny_model, None, device="cpu", cache_dir=tmp_path / "cache", shipped_dir=tmp_path)
     items, names = trainset.items_from_table(_colour_set(tmp_path), None)
     run = train_tab.run_training(st, st.default_spec, "coop", 30, items, names, threading.Event(), poll_s=0.01)
     with st.inference.busy():
