@@ -58,6 +58,16 @@ def resolve_model_name(model: str) -> str:
     return model
 
 
+def portable_model_name(model: str) -> str:
+    """The inverse of :func:`resolve_model_name` for shipped models: ``local-dir:<shipped>/<name>`` ->
+    ``<name>``, so what a checkpoint or a result file records does not name this machine's folders.
+    Every other name is returned unchanged."""
+    if model.startswith(LOCAL_DIR):
+        folder = Path(model[len(LOCAL_DIR):]).expanduser()
+        if folder.name in shipped_model_names() and folder.resolve() == (SHIPPED_MODELS / folder.name).resolve():
+            return folder.name
+    return model
+
 @dataclass
 class Backbone:
     """A frozen CLIP plus what is needed to feed it: tokenizer and preprocessing sizes."""

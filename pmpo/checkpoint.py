@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .backbone import Backbone, load_backbone, resolve_model_name
+from .backbone import Backbone, load_backbone, portable_model_name, resolve_model_name
 from .config import LEGACY_DEFAULTS, PMPOConfig
 from .errors import CheckpointError, PMPOError
 from .io import atomic_save_safetensors, read_safetensors
@@ -40,11 +40,13 @@ def save_checkpoint(model: PMPOModel, path: str | os.PathLike, **metadata: str) 
     meta = {str(k): str(v) for k, v in metadata.items()}
     cfg = model.cfg.to_dict()
     cfg["templates"] = list(model.templates)
+    cfg["model"] = portable_model_name(cfg["model"])  # a shipped model by its name, not this machine's path
     meta.update(
         format=FORMAT,
         pmpo_version=__version__,
         config=json.dumps(cfg, sort_keys=True),
-        backbone=json.dumps({"model": model.backbone.model_name, "pretrained": model.backbone.pretrained, **backbone_shape(model)}),
+        backbone=json.dumps({"model": portable_model_name(model.backbone.model_name), "pretrained": model.backbone.pretrained,
+                             **backbone_shape(model)}),
     )
     atomic_save_safetensors(tensors, path, meta)
 

@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from . import distributed as pdist
-from .backbone import Backbone
+from .backbone import Backbone, portable_model_name
 from .checkpoint import save_checkpoint
 from .config import PMPOConfig
 from .data import (
@@ -216,7 +216,7 @@ def run_protocol(
         "device": str(model.device),
         "versions": versions(),
         "git_commit": git_commit(),
-        "backbone": {"model": model.backbone.model_name, "pretrained": model.backbone.pretrained,
+        "backbone": {"model": portable_model_name(model.backbone.model_name), "pretrained": model.backbone.pretrained,
                      "description": model.backbone.description},
         "checkpoint": LAST_CHECKPOINT,
     }

@@ -291,6 +291,24 @@ def test_checkpoint_holds_only_learnable_tensors(backbone, tmp_path):
     assert meta["pmpo_version"] and json.loads(meta["backbone"])["vision_width"] == 64
 
 
+
+def test_checkpoint_names_a_shipped_model_by_name_and_any_other_folder_by_path(backbone, tmp_path):
+    """What a checkpoint records must load on another machine: the shipped model by its bare name
+    (its folder differs between a checkout, a wheel and a Space), a user's folder by its path."""
+    from pmpo.backbone import OFFLINE_MODEL, OFFLINE_MODEL_NAME, portable_model_name, resolve_model_name
+
+    assert portable_model_name(OFFLINE_MODEL) == OFFLINE_MODEL_NAME
+    assert resolve_model_name(portable_model_name(OFFLINE_MODEL)) == OFFLINE_MODEL
+    elsewhere = f"local-dir:{tmp_path / OFFLINE_MODEL_NAME}"  # same folder name, not the shipped folder
+    for name in (backbone.model_name, "ViT-B-16-quickgelu", elsewhere):
+        assert portable_model_name(name) == name
+    path = tmp_path / "p.safetensors"
+    save_checkpoint(make(backbone, "coop"), path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta["backbone"])["model"] == json.loads(meta["config"])["model"] == backbone.model_name
+    assert load_checkpoint(path).backbone.model_name == backbone.model_name
+
 def test_checkpoint_on_other_width_fails_clearly(backbone, tmp_path, wide_model):
     model = make(backbone, "pmpo")
     path = tmp_path / "p.safetensors"

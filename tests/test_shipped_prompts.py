@@ -40,7 +40,8 @@ def test_shipped_prompt_loads_and_records_its_provenance(backbone, method):
     model = load_checkpoint(path, backbone=backbone)
     assert model.cfg.method == method and model.num_learnable() > 0
     _, meta = read_checkpoint(path)
-    assert json.loads(meta["config"])["model"] == "shapeworld-clip"  # no machine-specific path
+    # no machine-specific path
+    assert json.loads(meta["config"])["model"] == json.loads(meta["backbone"])["model"] == "shapeworld-clip"
     assert meta["offline_model_sha256"] == hashlib.sha256((MODEL_DIR / "open_clip_model.safetensors").read_bytes()
                                                           ).hexdigest(), f"trained on another offline model: {REGENERATE}"
     from pmpo.commands.sweep import load_sweep

@@ -19,7 +19,6 @@ checks it): rerun this script then; its run folders are keyed by that sha256, so
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import sys
@@ -90,8 +89,6 @@ def ship(results: dict[str, dict]) -> dict[str, Path]:
         src = r["folder"] / r["checkpoint"]
         _, old = read_checkpoint(src)
         model = load_checkpoint(src, backbone=backbone)
-        # name the backbone as the sweep does (the bare "shipped model" name), not by this machine's path
-        model.cfg = dataclasses.replace(model.cfg, model=sweep.model)
         path = SHIP_DIR / f"{name}.safetensors"
         save_checkpoint(
             model, path,
