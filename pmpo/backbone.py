@@ -272,11 +272,14 @@ def _preprocess_numbers(clip: nn.Module, preprocess: Any) -> tuple[int, tuple, t
     return size, mean, std
 
 
-def save_local_dir(clip: nn.Module, model_cfg: dict, folder: str | Path, preprocess_cfg: dict | None = None) -> str:
+def save_local_dir(clip: nn.Module, model_cfg: dict, folder: str | Path, preprocess_cfg: dict | None = None,
+                   dtype: torch.dtype | None = None) -> str:
     """Write a CLIP as an open_clip ``local-dir:`` folder (config JSON + safetensors).
 
     Used to ship the offline model and by the tests to round-trip tiny random-init models through
-    exactly the loading path that real weights take.
+    exactly the loading path that real weights take. ``dtype`` stores the floating tensors in that
+    type (the shipped model is fp16; open_clip loads it into an fp32 model) without touching
+    ``clip``, which a training may still be using.
     """
     import json
 
@@ -285,7 +288,10 @@ def save_local_dir(clip: nn.Module, model_cfg: dict, folder: str | Path, preproc
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    state = {k: v.detach().contiguous().cpu() for k, v in clip.state_dict().items()}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    state = {}
+    for k, v in clip.state_dict().items():
+        v = v.detach()
+        state[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
     save_file(state, str(folder / "open_clip_model.safetensors"))
     return LOCAL_DIR + str(folder.resolve())

@@ -69,6 +69,29 @@ def test_grow_keeps_every_output_and_adds_identity_blocks(tool):
         tool.grow(shallow, {**_cfg(12, 9), "vision_cfg": {**_cfg(12, 9)["vision_cfg"], "width": 64}})
 
 
+
+def test_stage_folder_ships_fp16_weights_and_leaves_the_training_model_fp32(tool, tmp_path):
+    """A stage folder is what ships: fp16 weights, a config file ending in a newline, and an open_clip
+    ``local-dir:`` model that loads back to the same outputs; the model still training stays fp32."""
+    import open_clip
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    cfg = _cfg(2, 2)
+    model = tool.build_model(cfg)
+    tool.save_folder(model, tmp_path, cfg)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with safe_open(str(tmp_path / "open_clip_model.safetensors"), framework="pt") as fh:
+        dtypes = {fh.get_tensor(k).dtype for k in fh.keys()}
+    assert torch.float16 in dtypes and torch.float32 not in dtypes
+    assert (tmp_path / tool.folder.CONFIG_FILE).read_text().endswith("}\n")
+    loaded = open_clip.create_model(f"local-dir:{tmp_path}").eval()
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model.half().float().encode_image(images)
+        assert torch.allclose(loaded.encode_image(images), want, atol=1e-5)
+
 def test_attribute_targets_follow_the_scene(tool):
     from pmpo.data import shapeworld as sw
 

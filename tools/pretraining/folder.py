@@ -7,7 +7,6 @@ since open_clip and the library know nothing of them.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import open_clip
@@ -39,11 +38,7 @@ def save_folder(model: torch.nn.Module, out: Path, model_cfg: dict, heads: torch
     if text_heads is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in text_heads.state_dict().items()},
                   str(out / TEXT_HEADS_FILE))
-    # save_local_dir stores the state dict's own dtype; the shipped weights are fp16 (open_clip loads
-    # them into an fp32 model), so it is given an fp16 copy: the training model stays fp32.
-    save_local_dir(copy.deepcopy(model).half(), model_cfg, out, PREPROCESS_CFG)
-    config = out / CONFIG_FILE  # the library ends the JSON without a newline; the shipped file has one
-    config.write_text(config.read_text() + "\n")
+    save_local_dir(model, model_cfg, out, PREPROCESS_CFG, dtype=torch.float16)  # the training model stays fp32
 
 
 def load_heads(folder: Path, heads: torch.nn.Module, text_heads: torch.nn.Module | None) -> None:
