@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pmpo import PMPOConfig, build_model
-from pmpo.backbone import OFFLINE_MODEL, load_backbone, resolve_model_name
+from pmpo.backbone import OFFLINE_MODEL, OFFLINE_MODEL_NAME, load_backbone, resolve_model_name
 from pmpo.cli import main
 from pmpo.data import build_dataset, harmonic_mean, resolve_dataset_name, sample_few_shot, subsample_classes
 from pmpo.data import datasets as datasets_module
@@ -253,7 +253,7 @@ def test_cli_falls_back_to_the_shipped_model_when_the_default_cannot_load(no_net
     assert "falling back" in captured.err
     result = json.loads((tmp_path / "runs" / "base2new" / "shapeworld" / "coop" / "shots_1" / "seed_1"
                          / "result.json").read_text())
-    assert result["backbone"]["model"] == OFFLINE_MODEL and result["config"]["model"] == OFFLINE_MODEL
+    assert result["backbone"]["model"] == OFFLINE_MODEL_NAME and result["config"]["model"] == OFFLINE_MODEL
 
     # A backbone the user named never falls back: it loads or fails with one line.
     assert main(["predict", "--model", "ViT-B-16-quickgelu", "--pretrained", "openai", "--classes", "a,b",

@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pmpo.backbone import resolve_model_name  # noqa: E402
 from pmpo.cli import main as pmpo_main  # noqa: E402
 from pmpo.commands.sweep import Sweep, load_sweep  # noqa: E402
 from pmpo.errors import PMPOError  # noqa: E402
@@ -72,7 +73,7 @@ def model_markdown(results: list[dict]) -> str:
     models = sorted({r["backbone"]["model"] for r in results})
     lines = []
     for spec in models:
-        folder = Path(spec.removeprefix("local-dir:"))
+        folder = Path(resolve_model_name(spec).removeprefix("local-dir:"))  # a shipped model is recorded by name
         weights = folder / "open_clip_model.safetensors"
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "?"
         lines.append(f"Backbone `{_repo_relative(folder)}` (weights sha256 `{digest}…`).")
