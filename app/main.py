@@ -22,6 +22,11 @@ import time
 import warnings
 
 
+def _exit_once(*_) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(description="PMPO Gradio demo (zero-shot CLIP vs. prior vs. learned prompts).")
@@ -77,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     for notice in state.notices:
         print(f"notice: {notice}", file=sys.stderr)
     atexit.register(state.cleanup)
-    # SIGTERM (a Space restarting, `kill`) exits through Python so that the cleanup runs.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM (a Space restarting, `kill`) exits through Python so that the cleanup runs; a second one
+    # (a supervisor and `timeout` both forwarding it) must not interrupt that cleanup half-way.
+    signal.signal(signal.SIGTERM, _exit_once)
     try:
         demo = build_demo(state)
     except PMPOError as exc:  # e.g. an owner's limit that is not a number

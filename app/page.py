@@ -46,9 +46,16 @@ class PageContext:
     def backbone(self) -> list:
         return [self.bb_model, self.bb_pretrained]
 
+    def spec(self, bb_model: str | None, bb_pretrained: str | None) -> BackboneSpec:
+        """The backbone the side column's fields name; left empty (an API call that sends only images
+        and classes), the one the app started with."""
+        if not (bb_model or "").strip():
+            return self.state.default_spec
+        return BackboneSpec.of(bb_model, bb_pretrained)
+
     def resolve(self, bb_model: str, bb_pretrained: str, choice: str, request: gr.Request | None) -> LoadedModel:
         """The served model for these backbone fields and checkpoint choice, as this session sees them."""
-        return self.state.model(BackboneSpec.of(bb_model, bb_pretrained), choice or self.state.default_choice,
+        return self.state.model(self.spec(bb_model, bb_pretrained), choice or self.state.default_choice,
                                 session_of(request))
 
     @staticmethod

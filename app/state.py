@@ -107,6 +107,7 @@ class BackboneSpec:
         if not model:
             raise InputError("Backbone model name is empty: give an open_clip name (e.g. ViT-B-16-quickgelu) or local-dir:PATH.")
         pretrained = (pretrained or "").strip() or None
+        model = resolve_model_name(model)  # "shapeworld-clip" is the shipped folder, not a hub name
         if model.startswith(LOCAL_DIR) or (pretrained or "").lower() in ("none", "random"):
             pretrained = None if model.startswith(LOCAL_DIR) else "none"
         return BackboneSpec(model, pretrained)
@@ -424,5 +425,4 @@ def offline_model_present() -> bool:
     return (Path(OFFLINE_MODEL[len(LOCAL_DIR):]) / "open_clip_config.json").is_file()
 
 
-# --- start-up -------------------------------------------------------------------------------------
 __all__ = ["AppState", "BackboneSpec", "LoadedModel", "UNTRAINED", "offline_model_present"]

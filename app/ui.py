@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pmpo.backbone import portable_model_name
+
 from .examples import EXAMPLE_CLASSES, example_images
 from .inputs import display_name, file_path
 from .page import PageContext, guarded, notices_md, session_of
@@ -95,9 +97,9 @@ def side_column(state: AppState, demo: gr.Blocks) -> PageContext:
         allowed = state.allowed_backbones()
         if allowed is not None:
             gr.Markdown("On this public Space only these backbones load: "
-                        + ", ".join(f"`{a.model}`" + (f" + `{a.pretrained}`" if a.pretrained else "") for a in allowed)
+                        + ", ".join(f"`{portable_model_name(a.model)}`" + (f" + `{a.pretrained}`" if a.pretrained else "") for a in allowed)
                         + ". Run the app yourself for any other.")
-        bb_model = gr.Textbox(label="open_clip model or local-dir:PATH", value=state.default_spec.model)
+        bb_model = gr.Textbox(label="open_clip model or local-dir:PATH", value=portable_model_name(state.default_spec.model))
         bb_pretrained = gr.Textbox(label="pretrained tag or weights file ('none' = random)",
                                    value=state.default_spec.pretrained or "")
         bb_button = gr.Button("Load backbone", size="sm")

@@ -677,6 +677,17 @@ def test_offline_model_classifies_examples(tmp_path):
 
 
 @pytest.mark.skipif(not app_state.offline_model_present(), reason="checkpoints/shapeworld-clip is not in this copy yet")
+def test_the_shipped_model_by_its_name_is_the_offline_model(tmp_path):
+    """`python app.py --model shapeworld-clip` (the README's command) serves the offline model and says
+    so; it had been taken for a hub name without weights ("random weights, predictions are meaningless")."""
+    st = open_state("shapeworld-clip", None, device="cpu", cache_dir=tmp_path)
+    assert st.default_spec == BackboneSpec.of(app_state.OFFLINE_MODEL, None) == BackboneSpec.of("shapeworld-clip", "")
+    assert st.default_spec.label == "shapeworld-clip (local folder)"
+    notices = " ".join(st.notices)
+    assert "offline **ShapeWorld CLIP**" in notices and "random weights" not in notices
+    assert st.default_choice == "shipped: pmpo"
+
+@pytest.mark.skipif(not app_state.offline_model_present(), reason="checkpoints/shapeworld-clip is not in this copy yet")
 def test_offline_app_starts_with_shipped_learned_prompts(tmp_path):
     """The first Classify click shows learned prompts: the shipped PMPO checkpoint is the default,
     its provenance is on the page, and on the swapped-name example task it beats zero-shot CLIP
@@ -770,3 +781,17 @@ def test_attention_tab_scores_examples_against_their_masks(tmp_path):
     last = table.splitlines()[-1]  # half the attention on prompts, the rest uniform over the patches
     assert last.startswith("| prompt 1 |") and "| 0.50 |" in last
     assert "No ground truth" in truth_table(maps, None)
+
+
+def test_a_second_sigterm_does_not_interrupt_the_cleanup(monkeypatch):
+    """The first SIGTERM exits through Python (so the atexit cleanup runs) and ignores any further
+    one: a supervisor and `timeout` both forwarding it had cut the cleanup with a traceback."""
+    import signal
+
+    from pmpo.app import main as app_main
+
+    set_to = []
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: set_to.append((sig, handler)))
+    with pytest.raises(SystemExit) as exited:
+        app_main._exit_once(signal.SIGTERM, None)
+    assert exited.value.code == 0 and set_to == [(signal.SIGTERM, signal.SIG_IGN)]

@@ -69,6 +69,13 @@ def test_classify_returns_tables_plot_and_json(client, images):
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
 
 
+
+def test_empty_backbone_fields_mean_the_start_up_backbone(client, images, tiny_model):
+    """An API call may send the side column's backbone fields empty: it is answered on the backbone
+    the app started with, not refused."""
+    status, *_ = classify(client, images[:1], "red circle\nblue square", bb_model="", bb_pretrained=None)
+    assert status.startswith("**1 image(s), 2 classes** on " + Path(tiny_model.removeprefix("local-dir:")).name), status
+
 def test_one_class_is_answered_not_crashed(client, images):
     status, table, _, per_prompt, result = classify(client, images[:1], "red circle", top_k=3)
     assert not status.startswith("**Error"), status

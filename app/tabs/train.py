@@ -43,7 +43,7 @@ def build(page: PageContext) -> None:
             else:
                 items, names = trainset.items_from_table(train_files, label_table)
             limits.check_images(len(items))
-            spec = BackboneSpec.of(bb_model, bb_pretrained)
+            spec = page.spec(bb_model, bb_pretrained)
             stop = jobs.start(key)
             yield (f"Training **{method}** on {len(items)} images of {len(names)} classes ({', '.join(names[:8])}"
                    f"{'…' if len(names) > 8 else ''}) on {spec.label}…", empty_plot, {"phase": "starting"}, None, gr.update())
@@ -70,7 +70,7 @@ def build(page: PageContext) -> None:
             rows = trainset.class_summary(train_files, label_table)
             thumbs = trainset.class_thumbnails(train_files, label_table)
             n_images = sum(r[1] for r in rows)
-            line = recipe.describe_estimate(state, BackboneSpec.of(bb_model, bb_pretrained), method, n_images,
+            line = recipe.describe_estimate(state, page.spec(bb_model, bb_pretrained), method, n_images,
                                             len(rows), int(epochs), limits.budget(time_budget))
         except Exception as exc:
             if not isinstance(exc, PMPOError):
@@ -79,7 +79,7 @@ def build(page: PageContext) -> None:
         return pd.DataFrame(rows, columns=trainset.SUMMARY_HEADERS), thumbs, line
 
     def use_train_examples(bb_model, bb_pretrained):
-        return trainset.example_set_for(BackboneSpec.of(bb_model, bb_pretrained), state.cache_dir / "train-examples")
+        return trainset.example_set_for(page.spec(bb_model, bb_pretrained), state.cache_dir / "train-examples")
 
     def cancel(request: gr.Request):
         key = request.session_hash if request is not None else None
