@@ -161,6 +161,22 @@ def test_train_streams_progress_and_offers_checkpoint(client, images):
     assert refused(other, images, choice)
 
 
+
+def test_train_from_a_zip_alone(client, images, tmp_path):
+    """An API call that trains from a zip sends only the zip: the file-list input is optional."""
+    import zipfile
+
+    from gradio_client import handle_file
+
+    params = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/train"]["parameters"]
+    assert {p["parameter_name"] for p in params if not p["parameter_has_default"]} == set()
+    archive = tmp_path / "shapes.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in images[:4]:
+            zf.write(p, f"{Path(p).stem.replace('_', ' ')}/{Path(p).name}")
+    final_status, *_ = client.predict(zip_file=handle_file(str(archive)), method="coop", epochs=1, api_name="/train")
+    assert "Finished after" in final_status and "on 4 images" in final_status and "coop-4cls" in final_status, final_status
+
 def test_uploaded_checkpoint_is_seen_by_its_session_only(served, client, images):
     from gradio_client import Client, handle_file
 

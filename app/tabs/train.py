@@ -30,8 +30,11 @@ def build(page: PageContext) -> None:
     jobs = train_tab.TrainJobs()
     limits = train_tab.TrainLimits.from_env()
 
-    def train(train_files, label_table, zip_file, folder, method, epochs, time_budget, name, bb_model, bb_pretrained,
-              request: gr.Request):
+    # The data comes as uploaded files (+ labels), a zip or a server folder: whichever an API call
+    # leaves out is None, so the client must not require the two file inputs (Gradio marks a
+    # parameter optional when the handler defaults it to None). The rest default to the page's values.
+    def train(train_files=None, label_table=None, zip_file=None, folder="", method=None, epochs=None, time_budget=None,
+              name="", bb_model="", bb_pretrained="", request: gr.Request = None):
         key = (request.session_hash if request is not None else None) or uuid.uuid4().hex
         stop = None
         empty_plot = train_tab.progress_frame([], {})
