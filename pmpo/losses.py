@@ -9,16 +9,11 @@ the order of this list, so the loss is the same sum, in the same order, for ever
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .cache import TensorCache
-    from .model import ClassWeights, PMPOModel
 
 
 def against(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -30,28 +25,28 @@ def against(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Step:
-    """What the terms of one training step read. The frozen CLIP's views (PromptSRC's teacher) are
-    computed on first use, once per step, by whichever term asks first."""
+    """What the terms of one training step read: tensors, plus the frozen CLIP's views (PromptSRC's
+    teacher) as functions that are called on first use, once per step, by whichever term asks first.
+    The model fills it in (:meth:`pmpo.model.PMPOModel.loss`); the terms never see the model."""
 
-    model: PMPOModel
-    images: torch.Tensor | None
     labels: torch.Tensor
-    classnames: Sequence[str]
     logits: torch.Tensor  # [B, C], the prompted model's
     feats: list[torch.Tensor]  # normalised image features, one [B, D] per image pass
     prompts: torch.Tensor | None  # [N, C, D], or [B, N, C, D] per image with a meta-net
-    cw: ClassWeights
-    cache: TensorCache | None = None  # the run's frozen text features
+    prior: torch.Tensor  # [C, D], the manual prior's class embeddings
+    logit_scale: torch.Tensor
+    frozen_text: Callable[[], torch.Tensor]  # -> [C, D], the template pool's frozen text features
+    frozen_image: Callable[[], torch.Tensor]  # -> [B, D], the unprompted image features
 
     @functools.cached_property
     def teacher(self) -> torch.Tensor:
         """The frozen text features of the template pool [C, D] (PromptSRC's teacher)."""
-        return self.model.teacher_text_features(self.classnames, self.cache)
+        return self.frozen_text()
 
     @functools.cached_property
     def plain(self) -> torch.Tensor:
         """The frozen image features [B, D] (zero-shot CLIP's view of the batch)."""
-        return self.model.plain_image_features(self.images)
+        return self.frozen_image()
 
 
 def aux(step: Step) -> torch.Tensor | None:
@@ -60,7 +55,7 @@ def aux(step: Step) -> torch.Tensor | None:
         return None
     n = step.prompts.shape[-3]
     views = [step.feats[i if len(step.feats) > 1 else 0] for i in range(n)]
-    scale = step.model.logit_scale
+    scale = step.logit_scale
     return torch.stack([F.cross_entropy(scale * against(views[i], step.prompts[..., i, :, :]), step.labels)
                         for i in range(n)]).mean()
 
@@ -70,7 +65,7 @@ def consistency(step: Step) -> torch.Tensor | None:
     if step.prompts is None:
         return None
     mean_prompt = F.normalize(step.prompts.mean(-3), dim=-1)
-    return (1 - (mean_prompt * step.cw.prior).sum(-1)).mean()
+    return (1 - (mean_prompt * step.prior).sum(-1)).mean()
 
 
 def text_l1(step: Step) -> torch.Tensor | None:
@@ -88,7 +83,7 @@ def image_l1(step: Step) -> torch.Tensor:
 def logit_kl(step: Step) -> torch.Tensor:
     """PromptSRC: KL of the prompted logits to zero-shot CLIP's against the teacher, summed over
     the batch's logits and divided by their number, as their code does."""
-    zero_shot = step.model.logit_scale * step.plain @ step.teacher.t()
+    zero_shot = step.logit_scale * step.plain @ step.teacher.t()
     return F.kl_div(F.log_softmax(step.logits, dim=-1), F.log_softmax(zero_shot, dim=-1), reduction="sum",
                     log_target=True) / step.logits.numel()
 

@@ -381,7 +381,9 @@ class PMPOModel(nn.Module):
         labels = labels.to(logits.device)
         ce = F.cross_entropy(logits, labels)
         out = {"logits": logits, "ce": ce, "loss": ce}
-        step = Step(self, images, labels, classnames, logits, feats, prompts, cw, cache)
+        step = Step(labels, logits, feats, prompts, cw.prior, self.logit_scale,
+                    frozen_text=lambda: self.teacher_text_features(classnames, cache),
+                    frozen_image=lambda: self.plain_image_features(images))
         for term in TERMS:  # in order, so the sum is the same for every method (pmpo.losses)
             weight = getattr(cfg, term.weight)
             value = term.value(step) if weight else None
