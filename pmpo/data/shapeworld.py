@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pmpo.data.shapeworld_render import Render, SceneMasks, render, render_scene
+from pmpo.data.shapeworld_render import Render, render, render_scene
 
 # The vocabulary and the renderer, re-exported: `shapeworld` is the world's one public face.
 from pmpo.data.shapeworld_world import (
@@ -60,6 +60,7 @@ from pmpo.data.shapeworld_world import (
     TEMPLATES,
     ObjectAttrs,
     Sample,
+    SceneMasks,
 )
 from pmpo.data.types import DatasetSplits, Datum
 

@@ -10,7 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pmpo.data.shapeworld_world import _POS_XY, _RADIUS, COLOUR_RGB, DOWNSTREAM_SHIFT, IMAGE_SIZE, SHAPES, STYLES, ObjectAttrs
+from pmpo.data.shapeworld_world import (
+    _POS_XY,
+    _RADIUS,
+    COLOUR_RGB,
+    DOWNSTREAM_SHIFT,
+    IMAGE_SIZE,
+    SHAPES,
+    STYLES,
+    ObjectAttrs,
+    SceneMasks,
+)
 
 # --------------------------------------------------------------------------------------
 # geometry
@@ -198,33 +208,6 @@ def _object_colour(colour: str, rng: np.random.Generator, jitter: float) -> np.n
     if jitter:
         base = base + rng.uniform(-jitter, jitter, 3) + rng.uniform(-jitter, jitter) * 0.5
     return np.clip(base, 0, 255)
-
-
-@dataclass
-class SceneMasks:
-    """Pixel masks (H, W) bool of a rendered scene, the ground truth of where things are.
-
-    ``objects[i]`` is the region of main object i (its whole polygon, whatever its fill: a striped
-    circle occupies its disc); ``distractors[j]`` the visible part of grey distractor j (objects are
-    drawn over distractors)."""
-
-    objects: list[np.ndarray]
-    distractors: list[np.ndarray]
-
-    @property
-    def target(self) -> np.ndarray:
-        """Union of the main objects (the one object of a classification scene)."""
-        out = np.zeros_like(self.objects[0]) if self.objects else np.zeros((0, 0), bool)
-        for m in self.objects:
-            out = out | m
-        return out
-
-    @property
-    def distractor(self) -> np.ndarray:
-        out = np.zeros_like(self.target)
-        for m in self.distractors:
-            out = out | m
-        return out
 
 
 @dataclass

@@ -1,16 +1,12 @@
 """ShapeWorld's vocabulary: the attributes an object can have, the rendering styles, the
-downstream shift's knobs, and the plain records of an object and a sample (:mod:`pmpo.data.shapeworld`)."""
+downstream shift's knobs, and the plain records of an object, a scene's masks and a sample (:mod:`pmpo.data.shapeworld`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
-
-if TYPE_CHECKING:
-    from pmpo.data.shapeworld_render import SceneMasks
 
 IMAGE_SIZE = 64
 
@@ -87,6 +83,33 @@ class ObjectAttrs:
     @property
     def classname(self) -> str:
         return f"{self.colour} {self.shape}"
+
+
+@dataclass
+class SceneMasks:
+    """Pixel masks (H, W) bool of a rendered scene, the ground truth of where things are.
+
+    ``objects[i]`` is the region of main object i (its whole polygon, whatever its fill: a striped
+    circle occupies its disc); ``distractors[j]`` the visible part of grey distractor j (objects are
+    drawn over distractors)."""
+
+    objects: list[np.ndarray]
+    distractors: list[np.ndarray]
+
+    @property
+    def target(self) -> np.ndarray:
+        """Union of the main objects (the one object of a classification scene)."""
+        out = np.zeros_like(self.objects[0]) if self.objects else np.zeros((0, 0), bool)
+        for m in self.objects:
+            out = out | m
+        return out
+
+    @property
+    def distractor(self) -> np.ndarray:
+        out = np.zeros_like(self.target)
+        for m in self.distractors:
+            out = out | m
+        return out
 
 
 @dataclass
