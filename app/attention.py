@@ -28,7 +28,8 @@ from pmpo.encoders import VisionOutput
 from pmpo.errors import InputError
 
 from .features import preprocess
-from .state import AppState, LoadedModel
+from .served import LoadedModel
+from .state import AppState
 
 
 @dataclass

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .features import image_digest
-from .state import AppState, LoadedModel
+from .served import LoadedModel
+from .state import AppState
 
 VIEWS = ("zero-shot CLIP", "prior (prompted image)", "learned")
 MAX_CHART_IMAGES = 8

@@ -20,7 +20,8 @@ from PIL import Image
 from pmpo.errors import InputError
 
 from .examples import label_from_filename
-from .state import AppState, LoadedModel
+from .served import LoadedModel
+from .state import AppState
 
 METHODS = ("UMAP", "PCA", "t-SNE")
 MAX_EMBED_CLASSES = 200

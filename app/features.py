@@ -33,7 +33,7 @@ from pmpo.encoders import VisionOutput
 from .zerogpu import PASS_S, gpu, kernel_model
 
 if TYPE_CHECKING:
-    from .state import LoadedModel
+    from .served import LoadedModel
 
 BATCH = 16  # images per pass: the attention probabilities of a batch are [B, heads, T, T] per layer
 CACHE_BYTES = 256 * 2**20

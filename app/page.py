@@ -23,7 +23,8 @@ import gradio as gr
 from pmpo.errors import PMPOError
 
 from .inputs import parse_classes, parse_templates
-from .state import AppState, BackboneSpec, LoadedModel
+from .served import BackboneSpec, LoadedModel
+from .state import AppState
 
 log = logging.getLogger("pmpo.app.ui")
 

@@ -10,7 +10,8 @@ from pmpo.config import PMPOConfig, app_methods
 from pmpo.errors import InputError
 
 from . import zerogpu
-from .state import AppState, BackboneSpec, is_offline_model
+from .served import BackboneSpec
+from .state import AppState, is_offline_model
 from .trainset import HOLDOUT_EVERY
 
 TRAIN_METHODS = tuple(app_methods())  # the presets with `app: true`

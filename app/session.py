@@ -23,7 +23,7 @@ from pmpo.errors import PMPOError
 
 from . import zerogpu
 from .features import ImageFeatures
-from .state import BackboneSpec
+from .served import BackboneSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from pmpo.backbone import LOCAL_DIR, OFFLINE_MODEL, Backbone, load_backbone, res
 from pmpo.checkpoint import checkpoint_config
 from pmpo.errors import BackboneLoadError, PMPOError
 
-from .state import SHIPPED_PREFIX, AppState, BackboneSpec, offline_model_present
+from .served import BackboneSpec
+from .state import SHIPPED_PREFIX, AppState, offline_model_present
 
 DEFAULT_MODEL = "ViT-B-16-quickgelu"
 DEFAULT_PRETRAINED = "openai"

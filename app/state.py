@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import logging
 import os
@@ -24,7 +23,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +38,7 @@ from pmpo.model import ClassWeights, PMPOModel, build_model, clean_classnames
 from . import zerogpu
 from .features import ImageFeatures
 from .lru import LRU
+from .served import BackboneSpec, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -92,58 +91,6 @@ class InferenceGate:
         with self._idle:
             self._idle.wait_for(lambda: self._active == 0, timeout=timeout)
         return time.perf_counter() - start
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Which CLIP: an open_clip name (or ``local-dir:PATH``) and a pretrained tag/file or None."""
-
-    model: str
-    pretrained: str | None = None
-
-    @staticmethod
-    def of(model: str, pretrained: str | None) -> BackboneSpec:
-        model = (model or "").strip()
-        if not model:
-            raise InputError("Backbone model name is empty: give an open_clip name (e.g. ViT-B-16-quickgelu) or local-dir:PATH.")
-        pretrained = (pretrained or "").strip() or None
-        model = resolve_model_name(model)  # "shapeworld-clip" is the shipped folder, not a hub name
-        if model.startswith(LOCAL_DIR) or (pretrained or "").lower() in ("none", "random"):
-            pretrained = None if model.startswith(LOCAL_DIR) else "none"
-        return BackboneSpec(model, pretrained)
-
-    @property
-    def label(self) -> str:
-        if self.model.startswith(LOCAL_DIR):
-            return f"{Path(self.model[len(LOCAL_DIR):]).name} (local folder)"
-        return f"{self.model} ({'random init' if self.pretrained in (None, 'none') else self.pretrained})"
-
-
-@dataclass
-class LoadedModel:
-    """A prompt model ready to serve (shared by concurrent requests: it holds parameters only)."""
-
-    model: PMPOModel
-    choice: str
-    spec: BackboneSpec
-    notices: list[str] = field(default_factory=list)
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """The prompts' identity for feature caches: config and tensor bytes (served models never
-        change; a trained one is a new file, hence a new entry)."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(self.model.cfg.to_json().encode())
-        for name, tensor in sorted((self.model.prompts.state_dict() if self.model.prompts is not None else {}).items()):
-            h.update(name.encode())
-            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    @property
-    def description(self) -> str:
-        m = self.model
-        n = m.prompts.n_prompts if m.prompts is not None else 0
-        return f"{self.choice} — {m.cfg.method}, N={n}, {m.num_learnable():,} learnable parameters"
 
 
 def default_cache_dir() -> Path:
@@ -425,4 +372,4 @@ def offline_model_present() -> bool:
     return (Path(OFFLINE_MODEL[len(LOCAL_DIR):]) / "open_clip_config.json").is_file()
 
 
-__all__ = ["AppState", "BackboneSpec", "LoadedModel", "UNTRAINED", "offline_model_present"]
+__all__ = ["AppState", "UNTRAINED", "offline_model_present"]

@@ -42,8 +42,9 @@ from .recipe import (
     measure_cost,
     train_config,
 )
+from .served import BackboneSpec
 from .session import StopFlag, train_session
-from .state import TRAINED_PREFIX, AppState, BackboneSpec, is_offline_model
+from .state import TRAINED_PREFIX, AppState, is_offline_model
 from .trainset import HOLDOUT_EVERY, MAX_TRAIN_IMAGES, check_images, split_holdout
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from pmpo.data.loader import load_image
 from pmpo.errors import DatasetError, InputError
 
 from .inputs import MAX_CLASSNAME_CHARS, display_name, file_path, guess_label
-from .state import BackboneSpec, is_offline_model
+from .served import BackboneSpec
+from .state import is_offline_model
 
 MAX_TRAIN_IMAGES = 2000
 MAX_ZIP_MEMBERS = 5000

@@ -15,7 +15,8 @@ from .examples import EXAMPLE_CLASSES, example_images
 from .inputs import display_name, file_path
 from .page import PageContext, guarded, notices_md, session_of
 from .refusals import Page
-from .state import UNTRAINED, AppState, BackboneSpec
+from .served import BackboneSpec
+from .state import UNTRAINED, AppState
 from .tabs import attention, benchmarks, classify, embeddings, train
 
 TITLE = "PMPO — multi-prompt, depth-partitioned prompt learning for CLIP"

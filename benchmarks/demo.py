@@ -249,7 +249,7 @@ def train_epochs(model: str, pretrained: str | None, override: int | None) -> tu
         return override, "--train-epochs"
     try:
         from pmpo.app.recipe import default_epochs
-        from pmpo.app.state import BackboneSpec
+        from pmpo.app.served import BackboneSpec
     except ImportError as exc:
         raise BenchError(f"pmpo.app.recipe.default_epochs is gone ({exc}); give --train-epochs") from exc
     return int(default_epochs(BackboneSpec.of(model, pretrained))), "pmpo.app.recipe.default_epochs"
@@ -425,7 +425,7 @@ def run_trainings(res: dict, client, endpoints: dict, bb: tuple[str, str], work:
                   cfg: dict, rss: Callable[[], float | None], settle: Callable[[], Any]) -> None:
     rows = res["rows"]
     try:
-        from pmpo.app.state import BackboneSpec
+        from pmpo.app.served import BackboneSpec
         from pmpo.app.trainset import example_set_for
     except ImportError as exc:
         raise BenchError(f"pmpo.app.trainset.example_set_for is gone ({exc}): cannot make the Train tab's example set") from exc

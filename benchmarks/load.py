@@ -93,7 +93,7 @@ def main() -> int:
     try:
         from gradio_client import Client, handle_file
 
-        from pmpo.app.state import BackboneSpec
+        from pmpo.app.served import BackboneSpec
         from pmpo.app.trainset import example_set_for
 
         burst(url, images(work, 1, "warm"), args.timeout)  # builds the model and the text features

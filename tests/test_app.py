@@ -21,8 +21,9 @@ from pmpo.app import train as train_tab
 from pmpo.app.examples import example_images, label_from_filename
 from pmpo.app.features import image_digest, preprocess
 from pmpo.app.lru import LRU
+from pmpo.app.served import BackboneSpec
 from pmpo.app.startup import open_state
-from pmpo.app.state import UNTRAINED, AppState, BackboneSpec
+from pmpo.app.state import UNTRAINED, AppState
 from pmpo.errors import CheckpointError, InputError
 from pmpo.model import PMPOModel
 
@@ -359,7 +360,7 @@ def test_prompt_attention_is_zero_before_the_first_prompted_layer(state, picture
     backbone = state.backbone()
     model = build_model(PMPOConfig(method="pmpo", model=backbone.model_name, pretrained="none", partition="second-half"),
                         backbone=backbone)
-    from pmpo.app.state import LoadedModel
+    from pmpo.app.served import LoadedModel
 
     entry = LoadedModel(model.eval(), "second-half", state.default_spec)
     maps = attention.attention_maps(state, entry, Image.open(pictures[1]), CLASSES, TEMPLATES)

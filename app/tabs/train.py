@@ -14,7 +14,7 @@ from pmpo.errors import PMPOError
 from .. import recipe, trainset
 from .. import train as train_tab
 from ..page import PageContext, error_text
-from ..state import BackboneSpec
+from ..served import BackboneSpec
 
 log = logging.getLogger("pmpo.app.ui")
 
