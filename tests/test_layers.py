@@ -4,8 +4,8 @@ Every module under ``pmpo/`` is parsed with :mod:`ast` (no import-linter depende
 pmpo-internal imports become edges of a graph. Function-local imports count as much as top-level
 ones -- they are deferred, not absent -- except those under ``if TYPE_CHECKING:``, which never run.
 ``importlib.import_module("pmpo....")`` with a literal name counts too, so a circle cannot hide
-behind it. The graph must be acyclic, nothing but the CLI may import the CLI, and the library core
-may import none of the layers above it.
+behind it. The graph must be acyclic (with the ``TYPE_CHECKING`` imports too), nothing but the CLI
+may import the CLI, and the library core may import none of the layers above it.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def _resolve(dotted: str, modules: dict[str, Path]) -> str | None:
     return ".".join(parts) or None
 
 
-def imports_of(tree: ast.AST, module: str, is_package: bool, modules: dict[str, Path]) -> set[str]:
-    """The package modules ``tree`` imports anywhere, skipping ``if TYPE_CHECKING:`` bodies.
+def imports_of(tree: ast.AST, module: str, is_package: bool, modules: dict[str, Path], type_hints: bool = False) -> set[str]:
+    """The package modules ``tree`` imports anywhere, skipping ``if TYPE_CHECKING:`` bodies unless
+    ``type_hints``.
 
     ``from pkg import sub`` means the submodule when there is one, else a name of ``pkg``.
     """
@@ -59,7 +60,7 @@ def imports_of(tree: ast.AST, module: str, is_package: bool, modules: dict[str, 
     found: set[str | None] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if isinstance(node, ast.If) and _is_type_checking(node.test) and not type_hints:
             for child in node.orelse:
                 visit(child)
             return
@@ -86,12 +87,12 @@ def imports_of(tree: ast.AST, module: str, is_package: bool, modules: dict[str, 
     return {m for m in found if m is not None and m != module}
 
 
-def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
-    """Module -> the modules of the package it imports."""
+def import_graph(root: Path = PACKAGE, type_hints: bool = False) -> dict[str, set[str]]:
+    """Module -> the modules of the package it imports (with ``type_hints``, for annotations too)."""
     modules = module_names(root)
     return {
         name: imports_of(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)),
-                         name, path.name == "__init__.py", modules)
+                         name, path.name == "__init__.py", modules, type_hints)
         for name, path in modules.items()
     }
 
@@ -199,6 +200,10 @@ def test_import_graph_sees_function_local_and_importlib_imports_but_not_type_che
     assert find_cycles(graph) == [["pmpo.data.a", "pmpo.data.b", "pmpo.data.a"]]
     (pkg / "data" / "b.py").write_text("def g():\n    return 1\n")
     assert find_cycles(import_graph(pkg)) == []
+    (pkg / "data" / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\n")
+    (pkg / "data" / "b.py").write_text("from .a import A\n")
+    assert find_cycles(import_graph(pkg)) == []  # a's import of b is for type hints only
+    assert find_cycles(import_graph(pkg, type_hints=True)) == [["pmpo.data.a", "pmpo.data.b", "pmpo.data.a"]]
 
 
 # --- the package ----------------------------------------------------------------------------------
@@ -213,6 +218,12 @@ def test_the_graph_covers_the_package():
 
 def test_no_import_cycles():
     assert find_cycles(GRAPH) == []
+
+
+def test_no_import_cycles_even_through_type_hints():
+    """A circle that only annotations close still ties two modules into one unit for a reader (and
+    for a type checker); a shared record belongs in a module below both."""
+    assert find_cycles(import_graph(type_hints=True)) == []
 
 
 def test_only_the_cli_imports_the_cli():
