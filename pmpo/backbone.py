@@ -68,6 +68,7 @@ def portable_model_name(model: str) -> str:
             return folder.name
     return model
 
+
 @dataclass
 class Backbone:
     """A frozen CLIP plus what is needed to feed it: tokenizer and preprocessing sizes."""
