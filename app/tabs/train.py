@@ -93,11 +93,11 @@ def build(page: PageContext) -> None:
     gr.Markdown(INTRO, elem_id="train-intro")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=280):
-            train_files = gr.File(label="Training images", file_count="multiple", height=120, elem_id="train-files")
+            train_files = gr.File(label="Training images", file_count="multiple", height=90, elem_id="train-files")
             with gr.Row():
                 train_examples_btn = gr.Button("Use example training images", size="sm", elem_id="train-examples-btn")
                 train_zip = gr.File(label="…or a zip (class folders)", file_count="single", file_types=[".zip"],
-                                    height=60, min_width=120)
+                                    height=90, min_width=120)
             train_examples_note = gr.Markdown(trainset.example_note(state.default_spec), elem_id="train-examples-note")
         with gr.Column(scale=3, min_width=320):
             train_summary = gr.Dataframe(headers=trainset.SUMMARY_HEADERS, interactive=False, max_height=170,
