@@ -76,7 +76,8 @@ def classify_fresh(page, url: str, image: Path, classes: str, expected: str, log
     request of a fresh page was seen to go unanswered (status empty for 180 s, a second click no help)
     in every full-suite run on one 2-core VM and once right after Chromium's install, never when this
     file ran alone or after one other module; so after 90 s of nothing the page is loaded anew and
-    the request made once more. The cause is not known yet (the closing note of 2026-12-07)."""
+    the request made once more. The likely cause, found when CI's diagnosis showed "2 image(s)":
+    :func:`upload` used to set the file again when it was listed late, and the wait was for "1 image(s)"."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     for attempt, wait_ms in enumerate((90_000, 180_000)):
