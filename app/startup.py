@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pmpo.backbone import LOCAL_DIR, OFFLINE_MODEL, Backbone, load_backbone, resolve_model_name
+from pmpo.backbone import LOCAL_DIR, OFFLINE_MODEL, Backbone, load_backbone
 from pmpo.checkpoint import checkpoint_config
 from pmpo.errors import BackboneLoadError, PMPOError
 
@@ -45,7 +45,7 @@ def open_state(
     if checkpoint and model is None:
         try:
             stored = checkpoint_config(checkpoint)
-            model, pretrained = resolve_model_name(stored.model), stored.pretrained
+            model, pretrained = stored.model, stored.pretrained  # BackboneSpec.of resolves a shipped name
         except PMPOError as exc:
             notices.append(f"**Checkpoint not loaded:** {exc}")
             checkpoint = None

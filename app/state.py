@@ -334,10 +334,9 @@ def text_weights(model: PMPOModel, names: list[str], templates: list[str],
 def shipped_prompts_dir(spec: BackboneSpec) -> Path | None:
     """``<folder>/prompts`` of a local backbone folder (the offline model ships trained prompts
     there): prompts trained on that backbone, so offered with it and only with it."""
-    model = resolve_model_name(spec.model)  # "shapeworld-clip" names the shipped folder too
-    if not model.startswith(LOCAL_DIR):
+    if not spec.model.startswith(LOCAL_DIR):  # a shipped model's bare name is resolved by BackboneSpec.of
         return None
-    folder = Path(model[len(LOCAL_DIR):]) / "prompts"
+    folder = Path(spec.model[len(LOCAL_DIR):]) / "prompts"
     return folder if folder.is_dir() else None
 
 
